@@ -1,0 +1,133 @@
+"""Causal LMs with a per-sequence KV cache, and the one thread that runs them off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import queue
+import threading
+import zlib
+
+import torch
+
+from . import models
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CausalLM:
+    def __init__(self, name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+        path = models.resolve(name, cache_dir)
+        self.name = name
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device).eval()
+        config = self.model.config
+        self.vocab_size = config.vocab_size
+        self.max_context = config.max_position_embeddings
+        eos = self.model.generation_config.eos_token_id
+        self.eos_token_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
+
+    def vocab_hash(self) -> str:
+        """Identifies the token-id mapping: draft and verify must agree on it."""
+        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+    def packed_tokenizer(self) -> bytes:
+        return zlib.compress(self.tokenizer.backend_tokenizer.to_str().encode(), 6)
+
+    def session(self) -> "Session":
+        return Session(self)
+
+
+class Session:
+    """One sequence's KV cache. It remembers which tokens it holds, so callers just pass the full sequence
+    they want scored and the cache is cropped to the common prefix: rollback is implicit."""
+
+    def __init__(self, lm: CausalLM):
+        from transformers import DynamicCache
+
+        self.lm = lm
+        self.cache = DynamicCache()
+        self.cached: list[int] = []
+
+    @torch.inference_mode()
+    def logits(self, seq: list[int], n_out: int) -> torch.Tensor:
+        """Logits [n_out, vocab] predicting the tokens after each of the last n_out positions of seq."""
+        keep = 0
+        limit = min(len(self.cached), len(seq) - n_out)
+        while keep < limit and self.cached[keep] == seq[keep]:
+            keep += 1
+        if keep < len(self.cached):
+            self.cache.crop(keep - len(self.cached))  # a negative count works on every transformers release
+            del self.cached[keep:]
+        feed = torch.tensor([seq[keep:]], device=self.lm.device)
+        out = self.lm.model(input_ids=feed, past_key_values=self.cache, use_cache=True, logits_to_keep=n_out)
+        self.cached.extend(seq[keep:])
+        return out.logits[0].float()
+
+    def greedy(self, seq: list[int], n_out: int) -> list[int]:
+        return self.logits(seq, n_out).argmax(-1).tolist()
+
+
+def verify_greedy(session: Session, committed: list[int], draft: list[int]) -> tuple[list[int], int]:
+    """One verify pass: the longest prefix of `draft` the model agrees with, plus its own next token."""
+    choices = session.greedy(committed + draft, len(draft) + 1)
+    accepted = 0
+    while accepted < len(draft) and draft[accepted] == choices[accepted]:
+        accepted += 1
+    return draft[:accepted] + [choices[accepted]], accepted
+
+
+class ModelThread:
+    """All model work runs on this one daemon thread: the event loop keeps serving sockets and heartbeats
+    during a forward pass, and a shutdown never waits for one to finish."""
+
+    def __init__(self, threads: int = 0):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = threads
+        threading.Thread(target=self._run, name="model", daemon=True).start()
+
+    def _run(self):
+        if self._threads:
+            torch.set_num_threads(self._threads)
+        while True:
+            loop, future, fn, args = self._jobs.get()
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def submit(self, fn, *args) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return future
+
+
+def _settle(future: asyncio.Future, result, exc):
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def autoregressive(lm: CausalLM, prompt_ids: list[int], max_new_tokens: int, stop_token_ids) -> list[int]:
+    """Plain greedy decoding with the same cache and termination rules: the baseline speculation must match."""
+    from .sequence import Sequence
+
+    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
+    session = lm.session()
+    while not seq.done:
+        seq.verdict(len(seq.committed), session.greedy(prompt_ids + seq.committed, 1), 0, 0)
+    return seq.committed

@@ -1,0 +1,179 @@
+"""`amusd-mq`: run a service, generate from a running deployment, or run the self-contained demo."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+
+from . import config as c
+
+DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
+SERVICE_ROLES = (c.COORDINATOR, c.DRAFT, c.VERIFY)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="amusd-mq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for role in SERVICE_ROLES:
+        c.add_flags(sub.add_parser(role, help=f"run the {role} service"), role)
+    gen = sub.add_parser("generate", help="stream a generation from a running deployment, then its stats")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--request-lookahead", type=int, default=None, help="override the lookahead for this request")
+    c.add_flags(gen, c.CLIENT)
+    demo = sub.add_parser("demo", help="start all three services, generate, and compare with the verify model alone")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-new-tokens", type=int, default=128)
+    c.add_flags(demo)
+    args = parser.parse_args(argv)
+    try:
+        cfg = c.load(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command in SERVICE_ROLES:
+        sys.exit(run_service(args.command, cfg))
+    if args.command == "generate":
+        sys.exit(_run(_generate(cfg, args.prompt, args.max_new_tokens, args.request_lookahead)))
+    sys.exit(demo_main(cfg, args.prompt, args.max_new_tokens))
+
+
+def _run(coro) -> int:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def run_service(role: str, cfg: c.Config) -> int:
+    code = _run(_service(role, cfg))
+    logging.shutdown()
+    # The model thread is a daemon and may be mid-forward: leave without waiting for it.
+    os._exit(code)
+
+
+async def _service(role: str, cfg: c.Config) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if role == c.COORDINATOR:
+        from .coordinator import Coordinator
+
+        await Coordinator(cfg).run(stop)
+        return 0
+    from .backend import CausalLM, ModelThread
+    from .draft import DraftWorker
+    from .verify import VerifyWorker
+    from .worker import FatalWorkerError
+
+    name, device = (cfg.draft_model, cfg.draft_device) if role == c.DRAFT else (cfg.verify_model, cfg.verify_device)
+    thread = ModelThread(cfg.threads)
+    loading = thread.submit(CausalLM, name, device, cfg.dtype, cfg.cache_dir)
+    waiting = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        return 0
+    waiting.cancel()
+    lm = loading.result()
+    worker = (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, lm, thread)
+    try:
+        await worker.run(stop)
+    except FatalWorkerError as exc:
+        logging.getLogger("amusd_mq").error("%s", exc)
+        return 2
+    return 0
+
+
+async def _generate(cfg: c.Config, prompt: str, max_new_tokens: int, lookahead: int | None) -> int:
+    from .client import AmusdError
+
+    try:
+        await stream_and_print(cfg, prompt, max_new_tokens=max_new_tokens, lookahead=lookahead)
+    except AmusdError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def stream_and_print(cfg: c.Config, prompt: str, **kwargs):
+    from .client import AsyncClient
+
+    async with AsyncClient(cfg.coordinator_url, timeout_s=cfg.timeout_s) as client:
+        stream = client.stream(prompt, **kwargs)
+        async for chunk in stream:
+            print(chunk.text, end="", flush=True)
+    print()
+    print_stats(stream.result.finish_reason, stream.result.stats)
+    return stream.result
+
+
+def print_stats(finish_reason: str, stats: dict) -> None:
+    print(f"finish: {finish_reason}")
+    for key, value in stats.items():
+        print(f"  {key:<24} {value:.3f}" if isinstance(value, float) else f"  {key:<24} {value}")
+
+
+def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
+    """Bring up coordinator, verify and draft as child processes, generate, compare, tear down."""
+    from . import models
+    from .launch import Deployment, ServiceExited
+
+    print(f"draft  model: {cfg.draft_model} on {cfg.draft_device}\nverify model: {cfg.verify_model} on {cfg.verify_device}")
+    for name in (cfg.draft_model, cfg.verify_model):
+        models.resolve(name, cfg.cache_dir)  # download and convert here, with progress bars, before the services
+    signal.signal(signal.SIGTERM, _exit_on_signal)  # so the finally below stops the children
+    threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)  # two CPU workers share the cores
+    with tempfile.TemporaryDirectory(prefix="amusd-demo-") as tmp:
+        url = f"ipc://{tmp}/coordinator"
+        env = {"AMUSD_COORDINATOR_URL": url, "AMUSD_DRAFT_MODEL": cfg.draft_model, "AMUSD_VERIFY_MODEL": cfg.verify_model,
+               "AMUSD_DRAFT_DEVICE": cfg.draft_device, "AMUSD_VERIFY_DEVICE": cfg.verify_device, "AMUSD_DTYPE": cfg.dtype,
+               "AMUSD_LOOKAHEAD": str(cfg.lookahead), "AMUSD_THREADS": str(threads), "AMUSD_CACHE_DIR": cfg.cache_dir}
+        deployment = Deployment(env, log_dir=f"{tmp}/logs")
+        try:
+            print("starting coordinator, verify and draft services ...", flush=True)
+            _run(deployment.wait_ready())
+            print(f"--- speculative generation ({url}) ---\n{prompt}", end="", flush=True)
+            client_cfg = c.load(env={"AMUSD_COORDINATOR_URL": url, "AMUSD_TIMEOUT_S": str(cfg.timeout_s)})
+            result = _run(stream_and_print(client_cfg, prompt, max_new_tokens=max_new_tokens))
+        except (ServiceExited, TimeoutError) as exc:
+            print(f"\ndemo failed: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            deployment.stop()
+    print("\n--- the verify model alone ---", flush=True)
+    ar_ids, ar_s = _autoregressive(cfg.verify_model, cfg.verify_device, cfg.dtype, cfg.cache_dir, threads,
+                                   result.prompt_ids, max_new_tokens)
+    spec_rate = result.stats["tokens_per_s"]
+    print(f"{'':<22}{'speculative':>14}{'verify alone':>14}")
+    print(f"{'tokens':<22}{len(result.token_ids):>14}{len(ar_ids):>14}")
+    print(f"{'tokens/s':<22}{spec_rate:>14.2f}{len(ar_ids) / ar_s:>14.2f}")
+    print(f"{'speedup':<22}{spec_rate * ar_s / len(ar_ids):>13.2f}x")
+    print(f"{'acceptance rate':<22}{result.stats['acceptance_rate']:>14.2f}")
+    print(f"{'tokens / verify step':<22}{result.stats['tokens_per_verify_step']:>14.2f}")
+    same = ar_ids == result.token_ids
+    print(f"{'identical output':<22}{'yes' if same else 'NO':>14}")
+    if not same:
+        first = next((i for i, (a, b) in enumerate(zip(ar_ids, result.token_ids)) if a != b), min(len(ar_ids), len(result.token_ids)))
+        print(f"first difference at token {first} (bf16 near-ties can flip an argmax; use --dtype float32 to rule them out)")
+    return 0
+
+
+def _exit_on_signal(signum, frame):
+    sys.exit(128 + signum)
+
+
+def _autoregressive(name, device, dtype, cache_dir, threads, prompt_ids, max_new_tokens):
+    import torch
+
+    from .backend import CausalLM, autoregressive
+
+    torch.set_num_threads(threads)
+    lm = CausalLM(name, device, dtype, cache_dir)
+    start = time.perf_counter()
+    ids = autoregressive(lm, prompt_ids, max_new_tokens, lm.eos_token_ids)
+    return ids, time.perf_counter() - start

@@ -1,0 +1,245 @@
+"""The async Python client. One DEALER socket, any number of concurrent requests over it.
+
+The coordinator's silence is bounded: while a request waits the client pings, and `timeout_s` without a
+word from the coordinator raises instead of hanging (Lazy Pirate, without blind resends: a greedy
+request can simply be submitted again).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from .config import load
+from .transport import make_socket, recv, send
+
+
+class AmusdError(Exception):
+    """Base of every error the client raises."""
+
+
+class CoordinatorUnavailableError(AmusdError, ConnectionError):
+    """Nothing answered at the coordinator address, or it went silent."""
+
+
+class NoWorkerError(AmusdError):
+    """The coordinator has no verify worker to serve the request."""
+
+
+class InvalidRequestError(AmusdError, ValueError):
+    """The request was refused as invalid; nothing was generated."""
+
+
+class RequestTimeoutError(AmusdError, TimeoutError):
+    """The request's deadline passed before it finished."""
+
+
+class RequestFailedError(AmusdError):
+    """The request failed mid-way. `token_ids` holds what had been committed, all of it correct."""
+
+    def __init__(self, message: str, code: str, token_ids: list[int]):
+        super().__init__(message)
+        self.code = code
+        self.token_ids = token_ids
+
+
+ERRORS = {"no_worker": NoWorkerError, "invalid_request": InvalidRequestError, "field": InvalidRequestError}
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_ids: list[int]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class AsyncClient:
+    def __init__(self, url: str | None = None, *, timeout_s: float | None = None,
+                 max_message_bytes: int | None = None):
+        cfg = load()
+        self.url = url or cfg.coordinator_url
+        self.timeout_s = timeout_s if timeout_s is not None else cfg.timeout_s
+        self.max_bytes = max_message_bytes or cfg.max_message_bytes
+        self._ctx = zmq.asyncio.Context()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._control: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+        self._last_heard = 0.0
+        self.welcome: p.Welcome | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        self._sock = make_socket(self._ctx, zmq.DEALER, self.max_bytes)
+        self._sock.connect(self.url)
+        self._reader = asyncio.create_task(self._read())
+        try:
+            self.welcome = await self._ask(p.Hello(), p.Welcome)
+        except BaseException:
+            await self.close()  # a context left with an open socket would hang the process at exit
+            raise
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+        self._ctx.term()
+
+    async def status(self) -> p.StatusReply:
+        return await self._ask(p.Status(), p.StatusReply)
+
+    async def _ask(self, msg: p.Message, reply: type) -> p.Message:
+        await send(self._sock, msg)
+        try:
+            while True:
+                got = await asyncio.wait_for(self._control.get(), self.timeout_s)
+                if isinstance(got, reply):
+                    return got
+                if isinstance(got, p.Error):
+                    raise AmusdError(f"coordinator refused {msg.TYPE}: {got.message}")
+        except asyncio.TimeoutError:
+            raise CoordinatorUnavailableError(
+                f"no answer from a coordinator at {self.url} within {self.timeout_s:g}s") from None
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                _, msg = await recv(self._sock, self.max_bytes, routed=False)
+            except p.ProtocolError:
+                continue  # a garbled frame can't be routed to a request; its request times out instead
+            self._last_heard = time.monotonic()
+            req_id = getattr(msg, "req_id", None)
+            if req_id in self._streams:
+                self._streams[req_id].put_nowait(msg)
+            elif isinstance(msg, (p.Welcome, p.StatusReply)) or (isinstance(msg, p.Error) and req_id is None):
+                self._control.put_nowait(msg)
+
+    async def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
+        """Generate to completion. Arguments as for stream()."""
+        stream = self.stream(prompt, **kwargs)
+        async for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, prompt: str | None = None, **kwargs) -> "Stream":
+        """Committed tokens as they are decided, in order, each exactly once; `.result` once exhausted.
+
+        prompt or prompt_ids=[...]; max_new_tokens; stop_token_ids=[]; ignore_eos=False; lookahead=None;
+        deadline_s=None (overall limit for this request).
+        """
+        result = GenerationResult([], "", "", [])
+        return Stream(self._run(prompt, result=result, **kwargs), result)
+
+    async def _run(self, prompt: str | None, *, result: GenerationResult, max_new_tokens: int,
+                   prompt_ids: list[int] | None = None, stop_token_ids=(), ignore_eos: bool = False,
+                   lookahead: int | None = None, deadline_s: float | None = None) -> AsyncIterator[Chunk]:
+        msg = _request(prompt, prompt_ids, max_new_tokens, list(stop_token_ids), ignore_eos, lookahead)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[msg.req_id] = queue
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        received = 0
+        finished = False
+        try:
+            await send(self._sock, msg)
+            self._last_heard = time.monotonic()
+            while True:
+                reply = await self._next(queue, deadline)
+                if isinstance(reply, p.Tokens):
+                    if reply.start != received:
+                        raise AmusdError(f"stream out of order: got position {reply.start}, expected {received}")
+                    received += len(reply.token_ids)
+                    result.token_ids.extend(reply.token_ids)
+                    result.text += reply.text
+                    yield Chunk(reply.token_ids, reply.text)
+                elif isinstance(reply, p.Done):
+                    finished = True
+                    result.finish_reason, result.prompt_ids, result.stats = (
+                        reply.finish_reason, reply.prompt_ids, reply.stats)
+                    return
+                elif isinstance(reply, p.Error):
+                    finished = True
+                    if reply.token_ids or reply.code not in ERRORS:
+                        raise RequestFailedError(f"{reply.code}: {reply.message}", reply.code, reply.token_ids)
+                    raise ERRORS[reply.code](reply.message)
+        finally:
+            self._streams.pop(msg.req_id, None)
+            if not finished and not self._sock.closed:
+                await send(self._sock, p.Cancel(req_id=msg.req_id))
+
+    async def _next(self, queue: asyncio.Queue, deadline: float | None) -> p.Message:
+        """The next message for a request; pings while waiting, raises when the coordinator is silent."""
+        interval = self.timeout_s / 4
+        while True:
+            wait = interval if deadline is None else min(interval, deadline - time.monotonic())
+            if wait <= 0:
+                raise RequestTimeoutError("the request's deadline passed before it finished")
+            try:
+                return await asyncio.wait_for(queue.get(), wait)
+            except asyncio.TimeoutError:
+                if time.monotonic() - self._last_heard > self.timeout_s:
+                    raise CoordinatorUnavailableError(
+                        f"the coordinator at {self.url} has been silent for {self.timeout_s:g}s") from None
+                await send(self._sock, p.Ping())
+
+
+class Stream:
+    """An async iterator of Chunks; `result` fills in as they arrive and is complete at the end."""
+
+    def __init__(self, chunks: AsyncIterator[Chunk], result: GenerationResult):
+        self._chunks = chunks
+        self.result = result
+
+    def __aiter__(self) -> "Stream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        return await self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+def _request(prompt, prompt_ids, max_new_tokens, stop_token_ids, ignore_eos, lookahead) -> p.Generate:
+    """Check what can be checked without the model; the coordinator checks vocabulary and context."""
+    if (prompt is None) == (prompt_ids is None):
+        raise InvalidRequestError("give exactly one of prompt and prompt_ids")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+        raise InvalidRequestError("prompt must be a non-empty string")
+    if prompt_ids is not None:
+        prompt_ids = list(prompt_ids)
+        if not prompt_ids or not all(map(_id, prompt_ids)):
+            raise InvalidRequestError("prompt_ids must be a non-empty list of token ids (non-negative ints)")
+    if not _id(max_new_tokens) or max_new_tokens < 1:
+        raise InvalidRequestError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
+    if not all(map(_id, stop_token_ids)):
+        raise InvalidRequestError("stop_token_ids must be token ids (non-negative ints)")
+    if lookahead is not None and (not _id(lookahead) or lookahead < 1):
+        raise InvalidRequestError(f"lookahead must be a positive int, not {lookahead!r}")
+    return p.Generate(req_id=uuid.uuid4().hex, max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
+                      stop_token_ids=stop_token_ids, ignore_eos=bool(ignore_eos), lookahead=lookahead)
+
+
+def _id(value) -> bool:
+    return type(value) is int and 0 <= value < p.INT_LIMIT

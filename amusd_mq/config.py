@@ -1,0 +1,130 @@
+"""12-factor configuration: every setting is an AMUSD_* environment variable and the matching CLI flag.
+
+SETTINGS is the single list; .env.example, the README table and the CLI flags are all checked against it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+COORDINATOR, DRAFT, VERIFY, CLIENT = "coordinator", "draft", "verify", "client"
+WORKERS = (DRAFT, VERIFY)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object
+    help: str
+    used_by: tuple[str, ...]
+
+    @property
+    def env(self) -> str:
+        return "AMUSD_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+ALL = (COORDINATOR, DRAFT, VERIFY, CLIENT)
+SETTINGS = (
+    Setting("coordinator_url", "tcp://127.0.0.1:5550",
+            "The coordinator's ROUTER address; its PUB socket is on the next port (ipc: path + '.pub').", ALL),
+    Setting("draft_model", "qwen2.5-coder-0.5b-instruct", "Draft model: alias, local directory or HF hub id.", (DRAFT,)),
+    Setting("verify_model", "qwen2.5-coder-1.5b-instruct", "Verify model: alias, local directory or HF hub id.",
+            (VERIFY,)),
+    Setting("draft_device", "cpu", "Torch device of the draft model (cpu, cuda:N).", (DRAFT,)),
+    Setting("verify_device", "cpu", "Torch device of the verify model (cpu, cuda:N).", (VERIFY,)),
+    Setting("dtype", "bfloat16", "Model dtype: float32, bfloat16 or float16.", WORKERS),
+    Setting("lookahead", 8, "Most draft tokens in flight past the committed position (per-request override).",
+            (COORDINATOR,)),
+    Setting("threads", 0, "Torch CPU threads per worker (0: torch's default).", WORKERS),
+    Setting("heartbeat_s", 1.0, "Heartbeat interval between the coordinator and workers, in seconds.", ALL),
+    Setting("liveness", 5, "Heartbeats missed before a peer is declared dead.", ALL),
+    Setting("max_message_bytes", 16 << 20, "Largest frame any socket accepts; larger ones are rejected.", ALL),
+    Setting("timeout_s", 60.0, "Client: seconds of silence from the coordinator before a request fails.",
+            (CLIENT,)),
+    Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", WORKERS),
+    Setting("log_level", "INFO", "Python logging level.", ALL),
+    Setting("draft_delay_ms", 0.0, "Fault injection: extra milliseconds per draft step.", (DRAFT,)),
+    Setting("verify_delay_ms", 0.0, "Fault injection: extra milliseconds per verify step.", (VERIFY,)),
+    Setting("draft_wrong", False, "Fault injection: the draft proposes a token it knows is wrong.", (DRAFT,)),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    coordinator_url: str
+    draft_model: str
+    verify_model: str
+    draft_device: str
+    verify_device: str
+    dtype: str
+    lookahead: int
+    threads: int
+    heartbeat_s: float
+    liveness: int
+    max_message_bytes: int
+    timeout_s: float
+    cache_dir: str
+    log_level: str
+    draft_delay_ms: float
+    verify_delay_ms: float
+    draft_wrong: bool
+
+    def __post_init__(self):
+        checks = {
+            "lookahead": self.lookahead >= 1, "threads": self.threads >= 0, "heartbeat_s": self.heartbeat_s > 0,
+            "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
+            "timeout_s": self.timeout_s > 0, "draft_delay_ms": self.draft_delay_ms >= 0,
+            "verify_delay_ms": self.verify_delay_ms >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{BY_NAME[name].env}={getattr(self, name)!r} is out of range")
+
+    @property
+    def heartbeat_expiry_s(self) -> float:
+        return self.heartbeat_s * self.liveness
+
+
+def _parse(setting: Setting, raw: str):
+    kind = type(setting.default)
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{setting.env}: expected a boolean, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{setting.env}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def add_flags(parser: argparse.ArgumentParser, role: str | None = None) -> None:
+    """Add the flags a role uses (all of them when role is None); each defaults to its environment variable."""
+    for s in SETTINGS:
+        if role is None or role in s.used_by:
+            parser.add_argument(s.flag, dest=s.name, default=None, metavar=type(s.default).__name__.upper(),
+                                help=f"{s.help} [env {s.env}, default {s.default}]")
+
+
+def load(args: argparse.Namespace | None = None, env: dict | None = None) -> Config:
+    """Flags beat environment variables, which beat defaults."""
+    env = os.environ if env is None else env
+    values = {}
+    for f in fields(Config):
+        s = BY_NAME[f.name]
+        flag = getattr(args, s.name, None) if args is not None else None
+        if flag is not None:
+            values[s.name] = _parse(s, str(flag))
+        elif s.env in env:
+            values[s.name] = _parse(s, env[s.env])
+        else:
+            values[s.name] = s.default
+    values["cache_dir"] = os.path.expanduser(values["cache_dir"])
+    return Config(**values)

@@ -1,0 +1,365 @@
+"""The coordinator: owns every request's canonical sequence, pairs requests with workers, relays proposals
+to the verifier, applies verdicts, publishes commit and rollback points, and streams tokens to clients.
+
+Sockets: one ROUTER at the configured URL for clients and workers; one PUB next to it for Commit/Beat.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from .config import DRAFT, VERIFY, Config
+from .detokenize import Detokenizer, unpack_tokenizer
+from .sequence import Sequence
+from .transport import Rejects, make_socket, pub_url, recv, send
+
+log = logging.getLogger(__name__)
+MAX_LOOKAHEAD = 64
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    info: p.Register
+    last_seen: float
+    request: str | None = None
+
+
+@dataclass
+class Request:
+    rid: str  # the coordinator's id, used with workers
+    client: bytes
+    client_req_id: str
+    seq: Sequence
+    lookahead: int
+    detok: Detokenizer
+    verifier: bytes | None = None
+    draft: bytes | None = None
+
+
+class RequestError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, ctx: zmq.asyncio.Context | None = None):
+        self.cfg = cfg
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_message_bytes)
+        self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_message_bytes)
+        self.workers: dict[bytes, Worker] = {}
+        self.requests: dict[str, Request] = {}
+        self.by_client: dict[tuple[bytes, str], str] = {}
+        self.queue: deque[str] = deque()
+        self.rejects = Rejects()
+        self.pub_seq = 0
+        self.served = 0
+        self.tokenizer = None
+        self.vocab_hash: str | None = None
+        self.handlers = {
+            p.Hello: self.on_hello, p.Ping: self.on_ping, p.Status: self.on_status, p.Generate: self.on_generate,
+            p.Cancel: self.on_cancel, p.Register: self.on_register, p.Heartbeat: self.on_heartbeat,
+            p.Propose: self.on_propose, p.Verdict: self.on_verdict, p.SnapshotRequest: self.on_snapshot,
+        }
+
+    # lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.router.bind(self.cfg.coordinator_url)
+        self.pub.bind(pub_url(self.cfg.coordinator_url))
+        log.info("coordinator listening on %s (pub %s)", self.cfg.coordinator_url, pub_url(self.cfg.coordinator_url))
+        tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._tick())]
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for req in list(self.requests.values()):
+                await self._fail(req, "shutdown", "the coordinator is shutting down")
+            self.router.close()
+            self.pub.close()
+
+    async def _serve(self) -> None:
+        while True:
+            try:
+                identity, msg = await recv(self.router, self.cfg.max_message_bytes, routed=True)
+            except p.ProtocolError as exc:
+                await self._reject(getattr(exc, "identity", None), exc.kind, str(exc))
+                continue
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                await self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator")
+                continue
+            try:
+                await handler(identity, msg)
+            except Exception:  # a bug in one handler must not take the service down
+                log.exception("handling %s failed", msg.TYPE)
+                await self._reject(identity, "internal", f"internal error handling {msg.TYPE}")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            await self._publish(p.Beat(seq=self.pub_seq))
+            now = time.monotonic()
+            for w in list(self.workers.values()):
+                if now - w.last_seen > self.cfg.heartbeat_expiry_s:
+                    await self._drop_worker(w, "missed heartbeats")
+                else:
+                    await send(self.router, p.Heartbeat(), w.identity)
+
+    async def _reject(self, identity: bytes | None, kind: str, detail: str, req_id: str | None = None) -> None:
+        self.rejects.add(kind, detail)
+        if identity is not None:
+            await send(self.router, p.Error(code=kind, message=detail, req_id=req_id), identity)
+
+    async def _publish(self, msg: p.Message) -> None:
+        await send(self.pub, msg)
+
+    # clients
+
+    def _verifiers(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.info.role == VERIFY]
+
+    def _drafts(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.info.role == DRAFT]
+
+    async def on_hello(self, identity: bytes, msg: p.Hello) -> None:
+        verifiers = self._verifiers()
+        ref = verifiers[0].info if verifiers else None
+        await send(self.router, p.Welcome(
+            verifiers=len(verifiers), drafts=len(self._drafts()), vocab_size=ref.vocab_size if ref else 0,
+            max_context=ref.max_context if ref else 0, eos_token_ids=ref.eos_token_ids if ref else []), identity)
+
+    async def on_ping(self, identity: bytes, msg: p.Ping) -> None:
+        await send(self.router, p.Pong(), identity)
+
+    async def on_status(self, identity: bytes, msg: p.Status) -> None:
+        await send(self.router, p.StatusReply(
+            verifiers=len(self._verifiers()), drafts=len(self._drafts()), queued=len(self.queue),
+            active=sum(1 for r in self.requests.values() if r.verifier), rejected=dict(self.rejects.counts),
+            served=self.served), identity)
+
+    async def on_generate(self, identity: bytes, msg: p.Generate) -> None:
+        try:
+            prompt_ids, lookahead, eos = self._validate(identity, msg)
+        except RequestError as exc:
+            await self._reject(identity, exc.code, str(exc), msg.req_id)
+            return
+        stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(eos))
+        rid = uuid.uuid4().hex
+        self.requests[rid] = Request(
+            rid=rid, client=identity, client_req_id=msg.req_id, lookahead=lookahead, detok=Detokenizer(self.tokenizer),
+            seq=Sequence(prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
+        self.by_client[(identity, msg.req_id)] = rid
+        self.queue.append(rid)
+        await self._schedule()
+
+    def _validate(self, identity: bytes, msg: p.Generate) -> tuple[list[int], int, list[int]]:
+        verifiers = self._verifiers()
+        if not verifiers or self.tokenizer is None:
+            raise RequestError("no_worker", "no verify worker is registered with the coordinator")
+        info = verifiers[0].info
+        if (identity, msg.req_id) in self.by_client:
+            raise RequestError("invalid_request", f"request id {msg.req_id!r} is already in flight")
+        if (msg.prompt is None) == (msg.prompt_ids is None):
+            raise RequestError("invalid_request", "give exactly one of prompt and prompt_ids")
+        ids = msg.prompt_ids if msg.prompt is None else self.tokenizer.encode(msg.prompt).ids
+        if not ids:
+            raise RequestError("invalid_request", "the prompt is empty")
+        bad = [t for t in ids + msg.stop_token_ids if t >= info.vocab_size]
+        if bad:
+            raise RequestError("invalid_request", f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
+        if msg.max_new_tokens < 1:
+            raise RequestError("invalid_request", "max_new_tokens must be at least 1")
+        if len(ids) + msg.max_new_tokens > info.max_context:
+            raise RequestError("invalid_request", f"prompt of {len(ids)} tokens plus max_new_tokens={msg.max_new_tokens} "
+                                                  f"exceeds the model context of {info.max_context}")
+        lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
+        if not 1 <= lookahead <= MAX_LOOKAHEAD:
+            raise RequestError("invalid_request", f"lookahead must be in [1, {MAX_LOOKAHEAD}], not {lookahead}")
+        return ids, lookahead, info.eos_token_ids
+
+    async def on_cancel(self, identity: bytes, msg: p.Cancel) -> None:
+        rid = self.by_client.get((identity, msg.req_id))
+        if rid is not None:
+            self.requests[rid].seq.cancel("cancelled")
+            await self._finish(self.requests[rid])
+
+    # workers
+
+    async def on_register(self, identity: bytes, msg: p.Register) -> None:
+        if msg.role not in (DRAFT, VERIFY):
+            await self._reject(identity, "invalid_register", f"unknown role {msg.role!r}")
+            return
+        if self.vocab_hash is not None and msg.vocab_hash != self.vocab_hash:
+            others = ", ".join(sorted({f"{w.info.role} {w.info.model}" for w in self.workers.values()}))
+            await self._reject(identity, "vocab_mismatch",
+                               f"{msg.role} model {msg.model} has a different vocabulary from the registered {others}")
+            return
+        if msg.role == VERIFY and self.tokenizer is None:
+            if msg.tokenizer is None:
+                await self._reject(identity, "invalid_register", "a verify worker must send its tokenizer")
+                return
+            try:
+                self.tokenizer = unpack_tokenizer(msg.tokenizer)
+            except Exception as exc:
+                await self._reject(identity, "invalid_register", f"unreadable tokenizer: {exc}")
+                return
+        old = self.workers.get(identity)
+        if old is not None:
+            await self._drop_worker(old, "re-registered")
+        self.vocab_hash = msg.vocab_hash
+        self.workers[identity] = Worker(identity, msg, time.monotonic())
+        log.info("registered %s worker %s (%s)", msg.role, identity.hex(), msg.model)
+        await send(self.router, p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s), identity)
+        await self._schedule()
+
+    async def _worker(self, identity: bytes, role: str | None = None) -> Worker | None:
+        """The registered worker behind identity; an unknown one is told to register again."""
+        w = self.workers.get(identity)
+        if w is None or (role is not None and w.info.role != role):
+            kind = "unknown_worker" if w is None else "wrong_role"
+            await self._reject(identity, kind, "register first" if w is None else f"only a {role} worker may send this")
+            return None
+        w.last_seen = time.monotonic()
+        return w
+
+    async def on_heartbeat(self, identity: bytes, msg: p.Heartbeat) -> None:
+        await self._worker(identity)
+
+    async def on_snapshot(self, identity: bytes, msg: p.SnapshotRequest) -> None:
+        if await self._worker(identity) is None:
+            return
+        req = self.requests.get(msg.req_id)
+        await send(self.router, p.Snapshot(
+            req_id=msg.req_id, seq=self.pub_seq, epoch=req.seq.epoch if req else 0,
+            committed=req.seq.committed if req else [], done=req is None or req.seq.done), identity)
+
+    async def _own_request(self, identity: bytes, role: str, req_id: str) -> Request | None:
+        """The request a worker speaks for, if it is still assigned to it; late messages are dropped quietly."""
+        if await self._worker(identity, role) is None:
+            return None
+        req = self.requests.get(req_id)
+        if req is None or identity not in (req.verifier, req.draft):
+            self.rejects.add("stale", f"{role} message for a request it no longer serves")
+            return None
+        return req
+
+    async def on_propose(self, identity: bytes, msg: p.Propose) -> None:
+        req = await self._own_request(identity, DRAFT, msg.req_id)
+        if req is None:
+            return
+        if req.verifier is not None and any(t >= self.workers[req.verifier].info.vocab_size for t in msg.token_ids):
+            await self._reject(identity, "invalid_proposal", "proposal with token ids outside the vocabulary", msg.req_id)
+            return
+        start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids)
+        if fresh and req.verifier is not None:
+            await send(self.router, p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh),
+                       req.verifier)
+        if rollback:
+            await self._commit(req, len(req.seq.committed), [])
+
+    async def on_verdict(self, identity: bytes, msg: p.Verdict) -> None:
+        req = await self._own_request(identity, VERIFY, msg.req_id)
+        if req is None:
+            return
+        if any(t >= self.workers[identity].info.vocab_size for t in msg.token_ids) or msg.accepted > msg.proposed:
+            await self._reject(identity, "invalid_verdict", "verdict with out-of-range values", msg.req_id)
+            return
+        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted)
+        if applied is None:
+            self.rejects.add("stale", f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
+            return
+        tokens, _ = applied
+        await self._commit(req, msg.start, tokens)
+        text = req.detok.push(tokens) + (req.detok.flush() if req.seq.done else "")
+        await send(self.router, p.Tokens(req_id=req.client_req_id, start=msg.start, token_ids=tokens, text=text),
+                   req.client)
+        if req.seq.done:
+            await self._finish(req)
+
+    async def _commit(self, req: Request, start: int, tokens: list[int]) -> None:
+        self.pub_seq += 1
+        await self._publish(p.Commit(seq=self.pub_seq, req_id=req.rid, epoch=req.seq.epoch, start=start,
+                                     token_ids=tokens, done=req.seq.done))
+
+    # assignment
+
+    async def _schedule(self) -> None:
+        free_verifiers = [w for w in self._verifiers() if w.request is None]
+        while self.queue and free_verifiers:
+            req = self.requests.get(self.queue.popleft())
+            if req is None:
+                continue
+            req.verifier = free_verifiers.pop(0).identity
+            self.workers[req.verifier].request = req.rid
+            req.seq.started = time.monotonic()
+            await self._assign(req, req.verifier)
+        for req in self.requests.values():  # a free draft joins any request running without one
+            if req.verifier is not None and req.draft is None:
+                draft = next((w for w in self._drafts() if w.request is None), None)
+                if draft is None:
+                    break
+                req.draft, draft.request = draft.identity, req.rid
+                await self._assign(req, draft.identity)
+
+    async def _assign(self, req: Request, identity: bytes) -> None:
+        s = req.seq
+        await send(self.router, p.Assign(
+            req_id=req.rid, prompt_ids=s.prompt_ids, committed=s.committed, epoch=s.epoch,
+            max_new_tokens=s.max_new_tokens, stop_token_ids=sorted(s.stop_token_ids), lookahead=req.lookahead),
+            identity)
+
+    async def _release(self, req: Request) -> None:
+        for identity in (req.verifier, req.draft):
+            w = self.workers.get(identity) if identity else None
+            if w is not None and w.request == req.rid:
+                w.request = None
+                await send(self.router, p.Release(req_id=req.rid), identity)
+        req.verifier = req.draft = None
+
+    async def _finish(self, req: Request) -> None:
+        if req.seq.finish_reason != "cancelled":
+            await send(self.router, p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
+                                           prompt_ids=req.seq.prompt_ids, stats=req.seq.summary()), req.client)
+        self.served += 1
+        await self._forget(req)
+
+    async def _fail(self, req: Request, code: str, message: str) -> None:
+        req.seq.cancel(code)
+        await send(self.router, p.Error(code=code, message=message, req_id=req.client_req_id,
+                                        token_ids=req.seq.committed), req.client)
+        await self._forget(req)
+
+    async def _forget(self, req: Request) -> None:
+        await self._release(req)
+        self.requests.pop(req.rid, None)
+        self.by_client.pop((req.client, req.client_req_id), None)
+        await self._schedule()
+
+    async def _drop_worker(self, w: Worker, why: str) -> None:
+        log.warning("dropping %s worker %s: %s", w.info.role, w.identity.hex(), why)
+        self.workers.pop(w.identity, None)
+        if not self._verifiers():
+            self.tokenizer = None
+        if not self.workers:
+            self.vocab_hash = None
+        req = self.requests.get(w.request) if w.request else None
+        if req is None:
+            return
+        if w.info.role == DRAFT:  # the verifier carries on alone; a spare draft may join
+            req.draft = None
+            await self._schedule()
+        else:
+            await self._fail(req, "worker_lost", f"the verify worker serving this request was lost ({why})")

@@ -1,0 +1,158 @@
+"""The draft worker: runs ahead of the verifier, one greedy token at a time, up to the lookahead cap.
+
+It learns the canonical sequence from the coordinator's PUB stream (Clone pattern: sequence numbers, a
+Snapshot request on any gap) and, when a commit contradicts its guesses, drops them and continues from
+the committed tokens. Its KV cache follows automatically (Session crops to the common prefix).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from . import protocol as p
+from .backend import Session
+from .config import DRAFT
+from .transport import make_socket, pub_url, recv, send
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DraftRequest:
+    rid: str
+    prompt: list[int]
+    committed: list[int]
+    epoch: int
+    lookahead: int
+    max_new_tokens: int
+    stop: frozenset[int]
+    guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
+    revision: int = 0  # bumped whenever guesses are thrown away
+    done: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.done = True
+        self.wake.set()
+
+    def idle(self, max_context: int) -> bool:
+        ahead = self.guess[len(self.committed):]
+        return (len(ahead) >= self.lookahead or len(self.guess) >= self.max_new_tokens
+                or len(self.prompt) + len(self.guess) >= max_context or any(t in self.stop for t in ahead))
+
+    def adopt(self, start: int, tokens: list[int]) -> bool:
+        """Merge canonical tokens committed at `start`. False when some were missed (a gap)."""
+        if start > len(self.committed):
+            return False
+        self.committed.extend(tokens[len(self.committed) - start:])
+        n = min(len(self.guess), len(self.committed))
+        diverged = next((i for i in range(n) if self.guess[i] != self.committed[i]), None)
+        if diverged is not None:
+            del self.guess[diverged:]
+            self.revision += 1
+        self.guess.extend(self.committed[len(self.guess):])
+        self.wake.set()
+        return True
+
+
+class DraftWorker(Worker):
+    role = DRAFT
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handlers[p.Snapshot] = self.on_snapshot
+        self.sub = None
+        self.last_seq: int | None = None
+
+    async def on_registered(self) -> None:
+        self.last_seq = self.registered_seq
+        self.sub = make_socket(self.ctx, zmq.SUB, self.cfg.max_message_bytes)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(pub_url(self.cfg.coordinator_url))
+
+    def on_disconnected(self) -> None:
+        if self.sub is not None:
+            self.sub.close()
+            self.sub = None
+
+    def extra_tasks(self) -> list[asyncio.Task]:
+        return [asyncio.create_task(self._sub_loop())]
+
+    def new_request(self, msg: p.Assign) -> DraftRequest:
+        r = DraftRequest(rid=msg.req_id, prompt=msg.prompt_ids, committed=[], epoch=msg.epoch,
+                         lookahead=msg.lookahead, max_new_tokens=msg.max_new_tokens, stop=frozenset(msg.stop_token_ids))
+        r.adopt(0, msg.committed)
+        return r
+
+    async def _sub_loop(self) -> None:
+        while True:
+            try:
+                _, msg = await recv(self.sub, self.cfg.max_message_bytes, routed=False)
+            except p.ProtocolError as exc:
+                self.rejects.add(exc.kind, str(exc))
+                continue
+            if isinstance(msg, p.Beat):
+                if msg.seq > self.last_seq:  # the last update before this beat was lost
+                    await self._resync()
+            elif isinstance(msg, p.Commit):
+                gap = msg.seq > self.last_seq + 1
+                self.last_seq = max(self.last_seq, msg.seq)
+                r = self.requests.get(msg.req_id)
+                if r is not None:
+                    await self._apply(r, msg.epoch, msg.start, msg.token_ids, msg.done)
+                if gap:
+                    await self._resync()
+            else:
+                self.rejects.add("unexpected_type", f"{msg.TYPE} on the PUB stream")
+
+    async def _resync(self) -> None:
+        for rid in list(self.requests):
+            await send(self.dealer, p.SnapshotRequest(req_id=rid))
+
+    async def on_snapshot(self, msg: p.Snapshot) -> None:
+        self.last_seq = max(self.last_seq, msg.seq)
+        r = self.requests.get(msg.req_id)
+        if r is not None and len(msg.committed) >= len(r.committed):
+            await self._apply(r, msg.epoch, 0, msg.committed, msg.done)
+
+    async def _apply(self, r: DraftRequest, epoch: int, start: int, tokens: list[int], done: bool) -> None:
+        if done:
+            self.requests.pop(r.rid, None)
+            r.release()
+            return
+        if not r.adopt(start, tokens):
+            await send(self.dealer, p.SnapshotRequest(req_id=r.rid))
+            return
+        if epoch > r.epoch:
+            # A rollback point: guesses still standing were dropped by the coordinator, so send them again.
+            r.epoch = epoch
+            ahead = r.guess[len(r.committed):]
+            if ahead:
+                await send(self.dealer, p.Propose(req_id=r.rid, epoch=epoch, pos=len(r.committed), token_ids=ahead))
+
+    async def serve(self, r: DraftRequest) -> None:
+        session = self.lm.session()
+        while not r.done:
+            if r.idle(self.lm.max_context):
+                r.wake.clear()
+                await r.wake.wait()
+                continue
+            pos, revision = len(r.guess), r.revision
+            token = await self.thread.submit(self._step, session, r.prompt + r.guess)
+            if r.done or r.revision != revision or len(r.guess) != pos:
+                continue  # a commit overtook this step
+            r.guess.append(token)
+            await send(self.dealer, p.Propose(req_id=r.rid, epoch=r.epoch, pos=pos, token_ids=[token]))
+
+    def _step(self, session: Session, seq: list[int]) -> int:
+        token = session.greedy(seq, 1)[0]
+        if self.cfg.draft_delay_ms:
+            time.sleep(self.cfg.draft_delay_ms / 1000)
+        if self.cfg.draft_wrong:
+            token = (token + 1) % self.lm.vocab_size
+        return token

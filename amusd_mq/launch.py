@@ -1,0 +1,88 @@
+"""Starting, watching and stopping service processes: used by the demo, the tests and the scripts.
+
+Each service is its own process (not under honcho, which stops everything when one exits), with its log
+in a file, so a fault can be injected into one and a failure shows the log of the process that failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .client import AsyncClient, CoordinatorUnavailableError
+from .config import COORDINATOR, DRAFT, VERIFY
+
+ROLES = (COORDINATOR, VERIFY, DRAFT)
+
+
+class ServiceExited(RuntimeError):
+    pass
+
+
+class Deployment:
+    def __init__(self, env: dict[str, str], log_dir: str | Path, roles: tuple[str, ...] = ROLES):
+        self.env = {**os.environ, **env}
+        self.url = self.env.get("AMUSD_COORDINATOR_URL", "tcp://127.0.0.1:5550")
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+        for role in roles:
+            self.start(role)
+
+    def start(self, role: str, name: str | None = None, **env: str) -> subprocess.Popen:
+        name = name or role
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "amusd_mq", role], env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL)
+        log.close()
+        return self.procs[name]
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        text = (self.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise ServiceExited(f"{name} exited with code {proc.returncode}:\n{self.log_tail(name)}")
+
+    async def wait_ready(self, verifiers: int = 1, drafts: int = 1, timeout_s: float = 600.0) -> None:
+        """Until the coordinator answers and enough workers have registered, failing fast if one exits."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                async with AsyncClient(self.url, timeout_s=1.0) as client:
+                    welcome = client.welcome
+                if welcome.verifiers >= verifiers and welcome.drafts >= drafts:
+                    return
+            except CoordinatorUnavailableError:
+                pass
+            await asyncio.sleep(0.2)
+        raise TimeoutError(f"services not ready within {timeout_s:g}s; logs in {self.log_dir}")
+
+    def stop(self, timeout_s: float = 5.0) -> dict[str, int]:
+        """SIGTERM everything, SIGKILL what is still there after timeout_s. Returns the exit codes."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[name] = proc.wait()
+        return codes
+
+    def __enter__(self) -> "Deployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,293 @@
+"""Every message of the system: typed dataclasses, one msgpack encoding, strict validation on receipt.
+
+A frame is one msgpack map: {"v": PROTOCOL_VERSION, "t": <type>, <field>: <value>, ...}. Field types come
+from the dataclass annotations and are checked exactly (no coercion, no unknown or missing fields); every
+integer must lie in [0, 2**63). docs/protocol.md describes who sends each message on which socket.
+"""
+from __future__ import annotations
+
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import ClassVar, Union
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+INT_LIMIT = 1 << 63
+
+
+class ProtocolError(ValueError):
+    """A frame that can't be accepted. `kind` names the rule it broke, for counters and error replies."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Message:
+    TYPE: ClassVar[str] = ""
+
+
+MESSAGES: dict[str, type[Message]] = {}
+_HINTS: dict[type[Message], dict[str, object]] = {}
+
+
+def message(cls):
+    cls = dataclass(cls)
+    MESSAGES[cls.TYPE] = cls
+    _HINTS[cls] = typing.get_type_hints(cls)
+    return cls
+
+
+# Client <-> coordinator (DEALER -> ROUTER)
+
+@message
+class Hello(Message):
+    """Client handshake; answered by Welcome."""
+    TYPE = "hello"
+
+
+@message
+class Welcome(Message):
+    TYPE = "welcome"
+    verifiers: int
+    drafts: int
+    vocab_size: int
+    max_context: int
+    eos_token_ids: list[int]
+
+
+@message
+class Generate(Message):
+    TYPE = "generate"
+    req_id: str
+    max_new_tokens: int
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    lookahead: int | None = None
+
+
+@message
+class Tokens(Message):
+    """Newly committed tokens of a request, in order; `start` is the index of the first one."""
+    TYPE = "tokens"
+    req_id: str
+    start: int
+    token_ids: list[int]
+    text: str
+
+
+@message
+class Done(Message):
+    TYPE = "done"
+    req_id: str
+    finish_reason: str
+    prompt_ids: list[int]
+    stats: dict[str, Union[int, float]]
+
+
+@message
+class Error(Message):
+    """A refusal or failure. `token_ids` carries what was committed before a request failed."""
+    TYPE = "error"
+    code: str
+    message: str
+    req_id: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+
+@message
+class Cancel(Message):
+    TYPE = "cancel"
+    req_id: str
+
+
+@message
+class Ping(Message):
+    TYPE = "ping"
+
+
+@message
+class Pong(Message):
+    TYPE = "pong"
+
+
+@message
+class Status(Message):
+    TYPE = "status"
+
+
+@message
+class StatusReply(Message):
+    TYPE = "status_reply"
+    verifiers: int
+    drafts: int
+    queued: int
+    active: int
+    rejected: dict[str, int]
+    served: int
+
+
+# Worker <-> coordinator (DEALER -> ROUTER)
+
+@message
+class Register(Message):
+    TYPE = "register"
+    role: str  # "draft" or "verify"
+    model: str
+    vocab_size: int
+    vocab_hash: str
+    max_context: int
+    eos_token_ids: list[int]
+    tokenizer: bytes | None = None  # the verifier's zlib-compressed tokenizer.json, for the coordinator
+
+
+@message
+class Registered(Message):
+    TYPE = "registered"
+    seq: int
+    heartbeat_s: float
+
+
+@message
+class Heartbeat(Message):
+    TYPE = "heartbeat"
+
+
+@message
+class Assign(Message):
+    """Serve a request. Carries a snapshot of its canonical state, so a worker can join late."""
+    TYPE = "assign"
+    req_id: str
+    prompt_ids: list[int]
+    committed: list[int]
+    epoch: int
+    max_new_tokens: int
+    stop_token_ids: list[int]
+    lookahead: int
+
+
+@message
+class Propose(Message):
+    """Draft tokens for positions pos, pos+1, ... built on the canonical prefix of `epoch`."""
+    TYPE = "propose"
+    req_id: str
+    epoch: int
+    pos: int
+    token_ids: list[int]
+
+
+@message
+class Verdict(Message):
+    """The verifier's decision: `token_ids` extend the committed sequence at `start`."""
+    TYPE = "verdict"
+    req_id: str
+    start: int
+    token_ids: list[int]
+    proposed: int
+    accepted: int
+
+
+@message
+class Release(Message):
+    TYPE = "release"
+    req_id: str
+
+
+@message
+class SnapshotRequest(Message):
+    TYPE = "snapshot_request"
+    req_id: str
+
+
+@message
+class Snapshot(Message):
+    TYPE = "snapshot"
+    req_id: str
+    seq: int
+    epoch: int
+    committed: list[int]
+    done: bool
+
+
+# Coordinator PUB -> worker SUB (Clone pattern: global sequence numbers; a gap asks for a Snapshot)
+
+@message
+class Commit(Message):
+    """Canonical tokens appended at `start`, and the epoch after them; a higher epoch is a rollback point."""
+    TYPE = "commit"
+    seq: int
+    req_id: str
+    epoch: int
+    start: int
+    token_ids: list[int]
+    done: bool
+
+
+@message
+class Beat(Message):
+    """Published every heartbeat so subscribers notice a lost last update."""
+    TYPE = "beat"
+    seq: int
+
+
+def encode(msg: Message) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, **asdict(msg)})
+
+
+def decode(frame: bytes, max_bytes: int) -> Message:
+    if len(frame) > max_bytes:
+        raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
+    try:
+        body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError("malformed", f"not msgpack: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("malformed", "frame is not a msgpack map")
+    version = body.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    cls = MESSAGES.get(body.pop("t", None))
+    if cls is None:
+        raise ProtocolError("unknown_type", "unknown message type")
+    hints = _HINTS[cls]
+    unknown = set(body) - set(hints)
+    if unknown:
+        raise ProtocolError("field", f"{cls.TYPE}: unknown fields {sorted(unknown)}")
+    for f in fields(cls):
+        if f.name not in body:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ProtocolError("field", f"{cls.TYPE}: missing field {f.name!r}")
+            continue
+        if not _conforms(body[f.name], hints[f.name]):
+            raise ProtocolError("field", f"{cls.TYPE}.{f.name}: expected {_name(hints[f.name])}")
+    return cls(**body)
+
+
+
+def _conforms(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(tp))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_conforms(v, arg) for v in value)
+    if origin is dict:
+        key, val = typing.get_args(tp)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, val) for k, v in value.items())
+    if tp is int:
+        return type(value) is int and 0 <= value < INT_LIMIT
+    if tp is float:
+        return type(value) is float and math.isfinite(value)
+    if tp is type(None):
+        return value is None
+    return type(value) is tp
+
+
+def _name(tp) -> str:
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")

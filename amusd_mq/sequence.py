@@ -1,0 +1,128 @@
+"""The canonical sequence of one request: commits, proposals, epochs, rollback points and termination.
+
+Pure bookkeeping, no I/O: the coordinator feeds it proposals and verdicts and publishes what it returns.
+Proposals only ever affect speed: a committed token always comes from a verdict. The epoch numbers the
+canonical prefix a draft may build on; it is bumped whenever the draft's path is found to diverge from
+the canonical one (a rollback point), so proposals still in flight from the old path are dropped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Stats:
+    verify_steps: int = 0
+    proposed: int = 0  # draft tokens the verifier checked
+    accepted: int = 0  # of those, the ones it agreed with
+    draft_tokens: int = 0  # draft tokens that reached the coordinator
+    stale: int = 0  # of those, dropped for an old epoch
+    rollbacks: int = 0
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    committed: list[int] = field(default_factory=list)
+    epoch: int = 0
+    pending: list[int] = field(default_factory=list)  # forwarded proposals past the committed end
+    finish_reason: str | None = None
+    stats: Stats = field(default_factory=Stats)
+    created: float = field(default_factory=time.monotonic)
+    started: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def propose(self, epoch: int, pos: int, tokens: list[int]) -> tuple[int, list[int], bool]:
+        """Take a draft proposal. Returns (start, tokens to forward to the verifier, rollback?)."""
+        self.stats.draft_tokens += len(tokens)
+        if self.done or epoch != self.epoch:
+            self.stats.stale += len(tokens)
+            return pos, [], False
+        n = len(self.committed)
+        end = n + len(self.pending)
+        known = self.committed + self.pending
+        fresh: list[int] = []
+        for p, token in enumerate(tokens, start=pos):
+            if p < end:
+                if known[p] != token:  # the draft's path left the canonical one
+                    return self._rollback(pos)
+            elif p == end + len(fresh):
+                fresh.append(token)
+            else:  # a gap: a proposal was lost, so the draft must resend from the committed end
+                return self._rollback(pos)
+        self.pending.extend(fresh)
+        return end, fresh, False
+
+    def _rollback(self, pos: int) -> tuple[int, list[int], bool]:
+        self.epoch += 1
+        self.pending.clear()
+        self.stats.rollbacks += 1
+        return pos, [], True
+
+    def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int) -> tuple[list[int], bool] | None:
+        """Apply a verdict. Returns (tokens committed, rollback?), or None for a stale or duplicate one."""
+        if self.done or start != len(self.committed) or not tokens:
+            return None
+        tokens = self._terminate(tokens)
+        self.stats.verify_steps += 1
+        self.stats.proposed += proposed
+        self.stats.accepted += accepted
+        now = time.monotonic()
+        if self.first_token is None:
+            self.first_token = now
+        self.committed.extend(tokens)
+        overlap = min(len(tokens), len(self.pending))
+        rollback = self.pending[:overlap] != tokens[:overlap]
+        if rollback:
+            self.epoch += 1
+            self.pending.clear()
+            self.stats.rollbacks += 1
+        else:
+            del self.pending[:overlap]
+        if self.done:
+            self.finished = now
+        return tokens, rollback
+
+    def _terminate(self, tokens: list[int]) -> list[int]:
+        """Cut at the first stop token (kept, as generate() keeps EOS) or at max_new_tokens."""
+        for i, token in enumerate(tokens):
+            if token in self.stop_token_ids:
+                self.finish_reason = "stop"
+                tokens = tokens[: i + 1]
+                break
+        room = self.max_new_tokens - len(self.committed)
+        if len(tokens) >= room:
+            if len(tokens) > room or self.finish_reason is None:
+                self.finish_reason = "length"
+            tokens = tokens[:room]
+        return tokens
+
+    def cancel(self, reason: str) -> None:
+        if not self.done:
+            self.finish_reason = reason
+            self.finished = time.monotonic()
+
+    def summary(self) -> dict[str, int | float]:
+        s = self.stats
+        end = self.finished or time.monotonic()
+        start = self.started or self.created
+        elapsed = end - start
+        n = len(self.committed)
+        decode_s = end - self.first_token if self.first_token else 0.0
+        return {
+            "new_tokens": n, "verify_steps": s.verify_steps, "proposed": s.proposed, "accepted": s.accepted,
+            "acceptance_rate": s.accepted / s.proposed if s.proposed else 0.0,
+            "tokens_per_verify_step": n / s.verify_steps if s.verify_steps else 0.0,
+            "draft_steps": s.draft_tokens, "stale_proposals": s.stale, "rollbacks": s.rollbacks,
+            "queue_s": start - self.created, "ttft_s": (self.first_token or end) - start, "elapsed_s": elapsed,
+            "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
+            "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+        }

@@ -1,0 +1,73 @@
+"""The one place sockets are made, framed and read. Everything received is validated here."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+
+from .protocol import Message, ProtocolError, decode, encode
+
+log = logging.getLogger(__name__)
+
+
+def pub_url(url: str) -> str:
+    """The coordinator's PUB address, derived from its ROUTER address so one URL configures everything."""
+    parts = urlsplit(url)
+    if parts.scheme == "tcp":
+        host, _, port = parts.netloc.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"{url}: a tcp address needs an explicit port")
+        return f"tcp://{host}:{int(port) + 1}"
+    if parts.scheme in ("ipc", "inproc"):
+        return url + ".pub"
+    raise ValueError(f"{url}: unsupported transport {parts.scheme!r} (use tcp://, ipc:// or inproc://)")
+
+
+def make_socket(ctx: zmq.asyncio.Context, kind: int, max_bytes: int) -> zmq.asyncio.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    # A hard cap well above the validated limit: frames between the two are read and refused with a
+    # reply; libzmq silently drops the connection of anything larger, so memory stays bounded.
+    sock.setsockopt(zmq.MAXMSGSIZE, 4 * max_bytes)
+    if kind in (zmq.ROUTER, zmq.PUB):
+        sock.sndhwm = 100_000
+    return sock
+
+
+class Rejects:
+    """Counts refused frames by kind and logs each kind at most once per interval."""
+
+    def __init__(self, interval_s: float = 10.0):
+        self.counts: Counter[str] = Counter()
+        self._interval = interval_s
+        self._logged: dict[str, float] = {}
+
+    def add(self, kind: str, detail: str) -> None:
+        self.counts[kind] += 1
+        now = time.monotonic()
+        if now - self._logged.get(kind, -self._interval) >= self._interval:
+            self._logged[kind] = now
+            log.warning("rejected %s message (%d so far): %s", kind, self.counts[kind], detail)
+
+
+async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> None:
+    frame = encode(msg)
+    await sock.send_multipart([identity, frame] if identity is not None else [frame])
+
+
+async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[bytes | None, Message]:
+    """One validated message, with the sender's identity on a ROUTER. Raises ProtocolError (carrying the
+    identity when known, so the caller can reply)."""
+    frames = await sock.recv_multipart(copy=True)
+    identity = frames.pop(0) if routed and len(frames) > 1 else None
+    try:
+        if len(frames) != 1:
+            raise ProtocolError("malformed", f"expected one payload frame, got {len(frames)}")
+        return identity, decode(frames[0], max_bytes)
+    except ProtocolError as exc:
+        exc.identity = identity
+        raise

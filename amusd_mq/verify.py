@@ -1,0 +1,107 @@
+"""The verify worker: the only source of committed tokens.
+
+Each step takes the proposals that extend its committed prefix, scores them in one forward pass, and
+commits the longest agreeing prefix plus its own next token. With nothing proposed it still steps,
+committing one token like plain decoding, so a slow, wrong or absent draft costs little.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import protocol as p
+from .backend import Session, verify_greedy
+from .config import VERIFY
+from .sequence import Sequence
+from .transport import send
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyRequest:
+    rid: str
+    prompt: list[int]
+    seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
+    lookahead: int
+    proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
+    epoch: int = -1
+    dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
+    done: bool = False
+
+    def release(self) -> None:
+        self.done = True
+
+    def offer(self, epoch: int, pos: int, tokens: list[int]) -> None:
+        if epoch <= self.dead_epoch or epoch < self.epoch:
+            return
+        if epoch > self.epoch:
+            self.proposals.clear()
+            self.epoch = epoch
+        self.proposals.update(enumerate(tokens, start=pos))
+
+    def take(self) -> list[int]:
+        """The proposals that extend the committed prefix, leaving room for the verifier's own token."""
+        n = len(self.seq.committed)
+        limit = min(self.lookahead, self.seq.max_new_tokens - n - 1)
+        draft = []
+        while len(draft) < limit and n + len(draft) in self.proposals:
+            draft.append(self.proposals[n + len(draft)])
+        return draft
+
+    def settle(self, start: int, tokens: list[int]) -> None:
+        """Forget proposals the commit has passed; one that contradicts it condemns its whole epoch."""
+        if any(self.proposals.get(pos, t) != t for pos, t in enumerate(tokens, start=start)):
+            self.dead_epoch = self.epoch
+            self.proposals.clear()
+        else:
+            for pos in range(start, start + len(tokens)):
+                self.proposals.pop(pos, None)
+
+
+class VerifyWorker(Worker):
+    role = VERIFY
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handlers[p.Propose] = self.on_propose
+
+    def register_message(self) -> p.Register:
+        msg = super().register_message()
+        msg.tokenizer = self.lm.packed_tokenizer()
+        return msg
+
+    def new_request(self, msg: p.Assign) -> VerifyRequest:
+        seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
+                       stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
+        return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead)
+
+    async def on_propose(self, msg: p.Propose) -> None:
+        r = self.requests.get(msg.req_id)
+        if r is None:
+            return  # finished or released: a late proposal is harmless
+        if any(t >= self.lm.vocab_size for t in msg.token_ids):
+            self.rejects.add("invalid_proposal", "proposal with token ids outside the vocabulary")
+            return
+        r.offer(msg.epoch, msg.pos, msg.token_ids)
+
+    async def serve(self, r: VerifyRequest) -> None:
+        session = self.lm.session()
+        while not r.done and not r.seq.done:
+            draft = r.take()
+            tokens, accepted = await self.thread.submit(self._step, session, r.prompt + r.seq.committed, draft)
+            if r.done:
+                return
+            start = len(r.seq.committed)
+            tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
+            r.settle(start, tokens)
+            await send(self.dealer, p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
+                                              accepted=accepted))
+
+    def _step(self, session: Session, seq: list[int], draft: list[int]) -> tuple[list[int], int]:
+        result = verify_greedy(session, seq, draft)
+        if self.cfg.verify_delay_ms:
+            time.sleep(self.cfg.verify_delay_ms / 1000)
+        return result

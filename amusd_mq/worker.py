@@ -1,0 +1,187 @@
+"""What draft and verify workers share: registration, heartbeats, reconnection, message dispatch.
+
+A worker connects a DEALER to the coordinator, registers, and then serves Assign/Release and its role's
+messages. Heartbeats flow both ways (Paranoid Pirate): a coordinator silent for `liveness` intervals is
+presumed dead, the worker drops its requests and registers again with backoff.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import zmq
+import zmq.asyncio
+
+from . import protocol as p
+from .backend import CausalLM, ModelThread
+from .config import Config
+from .transport import Rejects, make_socket, recv, send
+
+log = logging.getLogger(__name__)
+
+
+class FatalWorkerError(RuntimeError):
+    """The coordinator refused this worker for a reason retrying can't fix."""
+
+
+class Worker:
+    role = ""
+
+    def __init__(self, cfg: Config, lm: CausalLM, thread: ModelThread, ctx: zmq.asyncio.Context | None = None):
+        self.cfg = cfg
+        self.lm = lm
+        self.thread = thread
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.rejects = Rejects()
+        self.dealer: zmq.asyncio.Socket | None = None
+        self.requests: dict = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.last_heard = 0.0
+        self.handlers = {p.Assign: self.on_assign, p.Release: self.on_release, p.Heartbeat: self._noop,
+                         p.Error: self.on_error}
+
+    def register_message(self) -> p.Register:
+        return p.Register(role=self.role, model=self.lm.name, vocab_size=self.lm.vocab_size,
+                          vocab_hash=self.lm.vocab_hash(), max_context=self.lm.max_context,
+                          eos_token_ids=self.lm.eos_token_ids)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        register = self.register_message()
+        backoff = self.cfg.heartbeat_s
+        while not stop.is_set():
+            session = asyncio.create_task(self._session(register))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if not session.done():
+                session.cancel()
+            await asyncio.gather(session, return_exceptions=True)
+            self._drop_all()
+            if session.cancelled() or stop.is_set():
+                break
+            if isinstance(session.exception(), FatalWorkerError):
+                raise session.exception()
+            log.warning("lost the coordinator; registering again in %.1fs", backoff)
+            try:
+                await asyncio.wait_for(stop.wait(), backoff)
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, 30.0)
+
+    async def _session(self, register: p.Register) -> None:
+        """One registration: returns when the coordinator is presumed dead."""
+        self.dealer = make_socket(self.ctx, zmq.DEALER, self.cfg.max_message_bytes)
+        self.dealer.connect(self.cfg.coordinator_url)
+        try:
+            await send(self.dealer, register)
+            self.last_heard = time.monotonic()
+            await self._wait_registered()
+            log.info("%s worker registered with %s (%s)", self.role, self.cfg.coordinator_url, self.lm.name)
+            await self.on_registered()
+            tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat())]
+            tasks += self.extra_tasks()
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    t.result()  # re-raise a fatal error
+            finally:
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self.dealer.close()
+            self.on_disconnected()
+
+    async def _wait_registered(self) -> None:
+        while True:
+            try:
+                _, msg = await asyncio.wait_for(recv(self.dealer, self.cfg.max_message_bytes, routed=False),
+                                                self.cfg.heartbeat_expiry_s)
+            except asyncio.TimeoutError:
+                raise ConnectionError("no answer to registration") from None
+            except p.ProtocolError as exc:
+                self.rejects.add(exc.kind, str(exc))
+                continue
+            if isinstance(msg, p.Registered):
+                self.registered_seq = msg.seq
+                return
+            if isinstance(msg, p.Error):
+                raise FatalWorkerError(f"coordinator refused this {self.role} worker ({msg.code}): {msg.message}")
+
+    async def _recv_loop(self) -> None:
+        while True:
+            try:
+                _, msg = await recv(self.dealer, self.cfg.max_message_bytes, routed=False)
+            except p.ProtocolError as exc:
+                self.rejects.add(exc.kind, str(exc))
+                continue
+            self.last_heard = time.monotonic()
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                self.rejects.add("unexpected_type", f"{msg.TYPE} is not accepted by a {self.role} worker")
+                continue
+            await handler(msg)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            if time.monotonic() - self.last_heard > self.cfg.heartbeat_expiry_s:
+                return
+            await send(self.dealer, p.Heartbeat())
+
+    async def _noop(self, msg: p.Message) -> None:
+        pass
+
+    async def on_error(self, msg: p.Error) -> None:
+        if msg.code == "unknown_worker":  # the coordinator restarted and forgot us
+            raise ConnectionError("coordinator does not know this worker")
+        log.warning("coordinator reported %s: %s", msg.code, msg.message)
+
+    async def on_assign(self, msg: p.Assign) -> None:
+        if msg.req_id in self.requests:
+            return
+        if any(t >= self.lm.vocab_size for t in msg.prompt_ids + msg.committed):
+            self.rejects.add("invalid_assign", "assignment with token ids outside the vocabulary")
+            return
+        self.requests[msg.req_id] = state = self.new_request(msg)
+        self.tasks[msg.req_id] = asyncio.create_task(self._serve_request(state))
+
+    async def _serve_request(self, state) -> None:
+        try:
+            await self.serve(state)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s request %s failed", self.role, state.rid)
+        finally:
+            self.requests.pop(state.rid, None)
+            self.tasks.pop(state.rid, None)
+
+    async def on_release(self, msg: p.Release) -> None:
+        state = self.requests.pop(msg.req_id, None)
+        if state is not None:
+            state.release()
+
+    def _drop_all(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        self.requests.clear()
+        self.tasks.clear()
+
+    # role hooks
+
+    async def on_registered(self) -> None:
+        pass
+
+    def on_disconnected(self) -> None:
+        pass
+
+    def extra_tasks(self) -> list[asyncio.Task]:
+        return []
+
+    def new_request(self, msg: p.Assign):
+        raise NotImplementedError
+
+    async def serve(self, state) -> None:
+        raise NotImplementedError

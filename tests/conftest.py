@@ -1,0 +1,73 @@
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+import uvloop
+
+from amusd_mq import models
+from amusd_mq.launch import ROLES, Deployment
+
+PROMPTS = [
+    "def fib(n):", "Hello, world", "import numpy as np\n", "The quick brown fox", "class Stack:\n    def push(",
+    "SELECT * FROM users WHERE", "Once upon a time", "for i in range(10):", "# TODO: refactor this", "x = [1, 2, 3]\n",
+    "<html><body>", "fn main() {", "Dear Sir or Madam,", "while True:\n    ", "print('héllo wörld')", "λx. x x",
+    "return a + b", "async def fetch(url):", "#include <stdio.h>", "2 + 2 =", "The answer is", "{\"key\": ",
+]
+
+
+def pytest_asyncio_loop_factories(config, item):
+    return {"uvloop": uvloop.new_event_loop}  # the services' loop, so tests exercise the same one
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("cache"))
+    for name in models.TINY_MODELS:
+        models.resolve(name, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_verify(tiny_cache):
+    from amusd_mq.backend import CausalLM
+
+    return CausalLM("tiny-verify", "cpu", "float32", tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_verify):
+    """The verify model's own greedy output, straight from transformers' generate()."""
+    memo = {}
+
+    def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(prompt_ids), max_new_tokens)
+        if key not in memo:
+            with torch.inference_mode():
+                out = tiny_verify.model.generate(torch.tensor([prompt_ids]), do_sample=False,
+                                                 max_new_tokens=max_new_tokens, pad_token_id=0)
+            memo[key] = out[0, len(prompt_ids):].tolist()
+        return memo[key]
+
+    return generate
+
+
+@pytest.fixture
+def deploy(tiny_cache):
+    """Start services as separate processes on a fresh ipc address; all stopped at the end of the test."""
+    made: list[Deployment] = []
+    sock_dir = tempfile.mkdtemp(prefix="amq-")  # short: ipc paths are limited to ~100 bytes
+
+    def start(roles=ROLES, **env) -> Deployment:
+        base = {"AMUSD_COORDINATOR_URL": f"ipc://{sock_dir}/c{len(made)}", "AMUSD_DRAFT_MODEL": "tiny-draft",
+                "AMUSD_VERIFY_MODEL": "tiny-verify", "AMUSD_DTYPE": "float32", "AMUSD_CACHE_DIR": tiny_cache,
+                "AMUSD_THREADS": "1", "AMUSD_HEARTBEAT_S": "0.25", "AMUSD_LOG_LEVEL": "INFO"}
+        d = Deployment({**base, **{k: str(v) for k, v in env.items()}}, f"{sock_dir}/logs{len(made)}", roles)
+        made.append(d)
+        return d
+
+    yield start
+    for d in made:
+        d.stop()
+    shutil.rmtree(sock_dir, ignore_errors=True)

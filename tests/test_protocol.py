@@ -1,0 +1,69 @@
+import msgpack
+import pytest
+
+from amusd_mq import protocol as p
+
+SAMPLES = [
+    p.Hello(), p.Welcome(verifiers=1, drafts=2, vocab_size=100, max_context=2048, eos_token_ids=[2]),
+    p.Generate(req_id="r", max_new_tokens=5, prompt="hi"), p.Generate(req_id="r", max_new_tokens=5, prompt_ids=[1, 2]),
+    p.Tokens(req_id="r", start=3, token_ids=[4, 5], text="ab"),
+    p.Done(req_id="r", finish_reason="stop", prompt_ids=[1], stats={"a": 1, "b": 0.5}),
+    p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(), p.Status(),
+    p.StatusReply(verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4),
+    p.Register(role="verify", model="m", vocab_size=9, vocab_hash="h", max_context=8, eos_token_ids=[],
+               tokenizer=b"\x00\x01"),
+    p.Registered(seq=3, heartbeat_s=1.0), p.Heartbeat(),
+    p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3),
+    p.Propose(req_id="r", epoch=0, pos=0, token_ids=[7]),
+    p.Verdict(req_id="r", start=0, token_ids=[7, 8], proposed=3, accepted=1), p.Release(req_id="r"),
+    p.SnapshotRequest(req_id="r"), p.Snapshot(req_id="r", seq=1, epoch=0, committed=[], done=False),
+    p.Commit(seq=1, req_id="r", epoch=0, start=0, token_ids=[1], done=True), p.Beat(seq=9),
+]
+
+
+def test_every_message_type_has_a_sample():
+    assert {type(m) for m in SAMPLES} == set(p.MESSAGES.values())
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: m.TYPE)
+def test_round_trip(msg):
+    assert p.decode(p.encode(msg), 1 << 20) == msg
+
+
+def raw(**body):
+    return msgpack.packb({"v": p.PROTOCOL_VERSION, **body})
+
+
+@pytest.mark.parametrize("frame,kind", [
+    (b"\xc1garbage", "malformed"),
+    (msgpack.packb([1, "hello"]), "malformed"),
+    (msgpack.packb({"v": 99, "t": "hello"}), "version"),
+    (msgpack.packb({"t": "hello"}), "version"),
+    (raw(t="launch_missiles"), "unknown_type"),
+    (raw(t="cancel"), "field"),  # missing req_id
+    (raw(t="cancel", req_id="r", extra=1), "field"),
+    (raw(t="cancel", req_id=5), "field"),
+    (raw(t="propose", req_id="r", epoch=-1, pos=0, token_ids=[1]), "field"),
+    (raw(t="propose", req_id="r", epoch=0, pos=0, token_ids=[1, "x"]), "field"),
+    (raw(t="propose", req_id="r", epoch=True, pos=0, token_ids=[1]), "field"),
+    (raw(t="propose", req_id="r", epoch=0, pos=0, token_ids=[2**63]), "field"),
+    (raw(t="registered", seq=0, heartbeat_s=float("nan")), "field"),
+    (raw(t="done", req_id="r", finish_reason="stop", prompt_ids=[], stats={"a": "b"}), "field"),
+])
+def test_rejects_bad_frames(frame, kind):
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode(frame, 1 << 20)
+    assert err.value.kind == kind
+
+
+def test_rejects_oversized_frames():
+    frame = p.encode(p.Propose(req_id="r", epoch=0, pos=0, token_ids=list(range(1000))))
+    assert p.decode(frame, len(frame)).token_ids == list(range(1000))
+    with pytest.raises(p.ProtocolError) as err:
+        p.decode(frame, len(frame) - 1)
+    assert err.value.kind == "oversized"
+
+
+def test_optional_fields_take_defaults():
+    msg = p.decode(raw(t="generate", req_id="r", max_new_tokens=3, prompt="x"), 1 << 20)
+    assert msg.prompt_ids is None and msg.stop_token_ids == [] and msg.lookahead is None

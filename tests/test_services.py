@@ -1,0 +1,281 @@
+"""End to end: coordinator, verify and draft as separate processes on real sockets, tiny fp32 models."""
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from amusd_mq import (AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError, protocol as p)
+from conftest import PROMPTS
+
+pytestmark = pytest.mark.asyncio
+MAX_NEW = 24
+LOOKAHEADS = (1, 3, 8)
+SPEEDS = {  # tiny-model steps take ~1 ms; injected delays set the draft/verify speed ratio
+    "draft_much_faster": {"AMUSD_VERIFY_DELAY_MS": 20},
+    "draft_as_fast": {"AMUSD_VERIFY_DELAY_MS": 8, "AMUSD_DRAFT_DELAY_MS": 8},
+    "draft_much_slower": {"AMUSD_VERIFY_DELAY_MS": 2, "AMUSD_DRAFT_DELAY_MS": 25},
+    "draft_always_wrong": {"AMUSD_VERIFY_DELAY_MS": 8, "AMUSD_DRAFT_WRONG": "true"},
+}
+
+
+@pytest.mark.parametrize("speed", SPEEDS)
+async def test_greedy_output_is_the_verify_models_own(deploy, reference, tiny_verify, speed):
+    d = deploy(**SPEEDS[speed])
+    await d.wait_ready(timeout_s=120)
+    cases = [(prompt, la) for prompt in PROMPTS for la in LOOKAHEADS]
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        results = await asyncio.gather(*(client.generate(prompt, max_new_tokens=MAX_NEW, lookahead=la)
+                                         for prompt, la in cases))
+    for (prompt, la), r in zip(cases, results):
+        ids = tiny_verify.tokenizer(prompt)["input_ids"]
+        assert r.prompt_ids == ids
+        assert r.token_ids == reference(ids, MAX_NEW), (prompt, la)
+        assert r.finish_reason == ("stop" if r.token_ids[-1] in tiny_verify.eos_token_ids else "length")
+        assert r.stats["new_tokens"] == len(r.token_ids)
+    proposed = sum(r.stats["proposed"] for r in results)
+    accepted = sum(r.stats["accepted"] for r in results)
+    tokens = sum(r.stats["new_tokens"] for r in results)
+    steps = sum(r.stats["verify_steps"] for r in results)
+    if speed == "draft_much_faster":  # speculation really happened
+        assert accepted / proposed > 0.3 and tokens / steps > 1.3
+    if speed == "draft_always_wrong":
+        assert accepted / max(proposed, 1) < 0.1
+
+
+async def test_stream_delivers_each_committed_token_once_in_order(deploy, reference, tiny_verify):
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        stream = client.stream("def fib(n):", max_new_tokens=40)
+        chunks = [chunk async for chunk in stream]
+    ids = tiny_verify.tokenizer("def fib(n):")["input_ids"]
+    assert [t for c in chunks for t in c.token_ids] == reference(ids, 40) == stream.result.token_ids
+    assert len(chunks) > 1 and all(c.token_ids for c in chunks)
+    assert "".join(c.text for c in chunks) == tiny_verify.tokenizer.decode(stream.result.token_ids,
+                                                                           skip_special_tokens=True)
+
+
+async def test_concurrent_clients_are_queued_never_mixed(deploy, reference, tiny_verify):
+    d = deploy(AMUSD_VERIFY_DELAY_MS=3)
+    await d.wait_ready(timeout_s=120)
+
+    async def one_client(prompts):
+        async with AsyncClient(d.url, timeout_s=30) as client:
+            return await asyncio.gather(*(client.generate(q, max_new_tokens=16) for q in prompts))
+
+    groups = [PROMPTS[i::4] for i in range(4)]
+    results = await asyncio.gather(*(one_client(g) for g in groups))
+    for prompts, rs in zip(groups, results):
+        for prompt, r in zip(prompts, rs):
+            assert r.token_ids == reference(tiny_verify.tokenizer(prompt)["input_ids"], 16)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        status = await client.status()
+    assert status.served == len(PROMPTS) and status.queued == 0 and status.active == 0
+
+
+async def test_bad_requests_get_clear_errors(deploy):
+    d = deploy(roles=("coordinator", "verify"))
+    await d.wait_ready(drafts=0, timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        bad = [
+            dict(prompt="", max_new_tokens=4), dict(prompt="x", max_new_tokens=-1), dict(prompt="x", max_new_tokens=0),
+            dict(prompt="x", max_new_tokens=10**30), dict(prompt="x", prompt_ids=[1], max_new_tokens=4),
+            dict(prompt_ids=[], max_new_tokens=4), dict(prompt_ids=[-3], max_new_tokens=4),
+            dict(prompt="x", max_new_tokens="4"), dict(prompt="x", max_new_tokens=4, lookahead=0),
+        ]
+        for kwargs in bad:  # refused before anything is sent
+            with pytest.raises(InvalidRequestError):
+                await client.generate(**kwargs)
+        refused = {  # refused by the coordinator, which knows the model
+            "vocabulary": dict(prompt_ids=[1, 999_999], max_new_tokens=4),
+            "context": dict(prompt_ids=[1] * 2049, max_new_tokens=4),
+            "exceeds": dict(prompt="x", max_new_tokens=10**9),
+            "lookahead": dict(prompt="x", max_new_tokens=4, lookahead=1000),
+        }
+        for words, kwargs in refused.items():
+            with pytest.raises(InvalidRequestError, match=words):
+                await client.generate(**kwargs)
+        assert (await client.generate(prompt_ids=[1, 2], max_new_tokens=3)).finish_reason in ("length", "stop")
+
+
+async def raw_exchange(url: str, frames: list[list[bytes]]) -> list[p.Message]:
+    """Send raw frames from a bare DEALER and collect the coordinator's replies."""
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(url)
+    replies = []
+    try:
+        for parts in frames:
+            await sock.send_multipart(parts)
+            replies.append(p.decode((await asyncio.wait_for(sock.recv_multipart(), 10))[0], 1 << 30))
+    finally:
+        sock.close()
+        ctx.term()
+    return replies
+
+
+async def test_malformed_messages_are_rejected_counted_and_survived(deploy, reference, tiny_verify):
+    d = deploy(AMUSD_MAX_MESSAGE_BYTES=4096)
+    await d.wait_ready(timeout_s=120)
+    body = {"v": p.PROTOCOL_VERSION}
+    frames = {
+        "malformed": [b"\xc1\xc1 not msgpack"],
+        "version": [msgpack.packb({"v": 999, "t": "hello"})],
+        "unknown_type": [msgpack.packb({**body, "t": "format_disk"})],
+        "field": [msgpack.packb({**body, "t": "generate", "req_id": 7, "max_new_tokens": 1})],
+        "oversized": [b"\x00" * 5000],
+        "unexpected_type": [p.encode(p.Commit(seq=1, req_id="x", epoch=0, start=0, token_ids=[], done=False))],
+        "unknown_worker": [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0))],
+    }
+    frames["malformed"].append(b"")  # a second, multipart payload
+    replies = await raw_exchange(d.url, list(frames.values()))
+    assert [r.code for r in replies] == list(frames)
+    assert all(isinstance(r, p.Error) and r.message for r in replies)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        result = await client.generate("still serving?", max_new_tokens=12)
+        status = await client.status()
+    assert result.token_ids == reference(tiny_verify.tokenizer("still serving?")["input_ids"], 12)
+    for kind in frames:
+        assert status.rejected[kind] >= 1
+
+
+async def test_flood_of_garbage_does_not_stop_service(deploy, reference, tiny_verify):
+    d = deploy(AMUSD_VERIFY_DELAY_MS=5)
+    await d.wait_ready(timeout_s=120)
+    ctx = zmq.asyncio.Context()
+    spam = ctx.socket(zmq.DEALER)
+    spam.linger = 0
+    spam.connect(d.url)
+    async def flood():
+        for i in range(3000):
+            await spam.send(os.urandom(i % 64 + 1))
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        _, result = await asyncio.gather(flood(), client.generate("Hello, world", max_new_tokens=20))
+        status = await client.status()
+    spam.close()
+    ctx.term()
+    assert result.token_ids == reference(tiny_verify.tokenizer("Hello, world")["input_ids"], 20)
+    assert sum(status.rejected.values()) >= 1000
+
+
+async def test_no_worker_and_no_coordinator_are_typed_errors(deploy, tmp_path):
+    with pytest.raises(CoordinatorUnavailableError, match="no answer"):
+        async with AsyncClient(f"ipc://{tmp_path}/nobody", timeout_s=0.5):
+            pass
+    d = deploy(roles=("coordinator",))
+    await d.wait_ready(verifiers=0, drafts=0, timeout_s=60)
+    async with AsyncClient(d.url, timeout_s=5) as client:
+        with pytest.raises(NoWorkerError):
+            await client.generate("x", max_new_tokens=3)
+
+
+async def test_verifier_alone_serves_without_a_draft(deploy, reference, tiny_verify):
+    d = deploy(roles=("coordinator", "verify"))
+    await d.wait_ready(drafts=0, timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        r = await client.generate("for i in range(10):", max_new_tokens=20)
+    assert r.token_ids == reference(tiny_verify.tokenizer("for i in range(10):")["input_ids"], 20)
+    assert r.stats["proposed"] == 0 and r.stats["verify_steps"] == len(r.token_ids)
+
+
+async def test_stop_token_ids(deploy, reference, tiny_verify):
+    d = deploy()
+    await d.wait_ready(timeout_s=120)
+    ids = tiny_verify.tokenizer("Once upon a time")["input_ids"]
+    ref = reference(ids, 20)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        r = await client.generate(prompt_ids=ids, max_new_tokens=20, stop_token_ids=[ref[5]])
+    first = ref.index(ref[5])
+    assert r.token_ids == ref[:first + 1] and r.finish_reason == "stop"
+
+
+async def test_ignore_eos_decodes_past_the_end_of_text(deploy, tiny_verify):
+    from amusd_mq.backend import autoregressive
+
+    eos = tiny_verify.eos_token_ids
+    ids = next(q for q in ([i, j] for i in range(40) for j in range(40))
+               if autoregressive(tiny_verify, q, 40, eos)[-1] in eos)
+    plain = autoregressive(tiny_verify, ids, 40, eos)
+    d = deploy()
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        stopped = await client.generate(prompt_ids=ids, max_new_tokens=40)
+        ignored = await client.generate(prompt_ids=ids, max_new_tokens=len(plain) + 10, ignore_eos=True)
+    assert stopped.token_ids == plain and stopped.finish_reason == "stop"
+    assert ignored.token_ids == autoregressive(tiny_verify, ids, len(plain) + 10, []) and len(ignored.token_ids) > len(plain)
+
+
+async def test_vocabulary_mismatch_is_refused(deploy, tiny_cache, tmp_path):
+    from transformers import AutoTokenizer
+
+    from amusd_mq import models
+
+    odd = tmp_path / "odd-draft"
+    src = models.resolve("tiny-draft", tiny_cache)
+    subprocess.run(["cp", "-r", src, str(odd)], check=True)
+    tok = AutoTokenizer.from_pretrained(odd)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(odd)
+    d = deploy(roles=("coordinator", "verify"))
+    await d.wait_ready(drafts=0, timeout_s=120)
+    draft = d.start("draft", AMUSD_DRAFT_MODEL=str(odd))
+    assert draft.wait(60) == 2
+    assert "different vocabulary" in d.log_tail("draft")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_signals_stop_every_service_within_5s(deploy, sig):
+    d = deploy(AMUSD_VERIFY_DELAY_MS=50, AMUSD_DRAFT_DELAY_MS=20)
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        gen = asyncio.create_task(client.generate("def fib(n):", max_new_tokens=200))
+        await asyncio.sleep(1.0)  # mid-generation: forward passes are running
+        for name in ("draft", "verify", "coordinator"):
+            proc = d.procs[name]
+            start = time.monotonic()
+            proc.send_signal(sig)
+            code = await asyncio.to_thread(proc.wait, 5)
+            assert time.monotonic() - start < 5 and code == 0, d.log_tail(name)
+        with pytest.raises(Exception):
+            await gen
+
+
+def test_demo_runs_and_cleans_up_on_sigterm(tiny_cache, tmp_path):
+    env = {**os.environ, "AMUSD_CACHE_DIR": tiny_cache, "AMUSD_VERIFY_DELAY_MS": "200"}
+    demo = subprocess.Popen([sys.executable, "-m", "amusd_mq", "demo", "--draft-model", "tiny-draft",
+                             "--verify-model", "tiny-verify", "--dtype", "float32", "--max-new-tokens", "500"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = ""
+    while "speculative generation" not in seen:
+        line = demo.stdout.readline()
+        assert line, seen
+        seen += line
+    children = subprocess.run(["pgrep", "-P", str(demo.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 3
+    start = time.monotonic()
+    demo.send_signal(signal.SIGTERM)
+    demo.wait(10)
+    assert time.monotonic() - start < 6
+    time.sleep(0.2)
+    assert not [pid for pid in children if os.path.exists(f"/proc/{pid}") and
+                open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+
+
+def test_demo_end_to_end_with_tiny_models(tiny_cache):
+    out = subprocess.run([sys.executable, "-m", "amusd_mq", "demo", "--draft-model", "tiny-draft", "--verify-model",
+                          "tiny-verify", "--dtype", "float32", "--max-new-tokens", "40"],
+                         env={**os.environ, "AMUSD_CACHE_DIR": tiny_cache, "AMUSD_VERIFY_DELAY_MS": "10"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (line,) = [row for row in out.stdout.splitlines() if row.startswith("identical output")]
+    assert line.split()[-1] == "yes", out.stdout
