@@ -34,6 +34,10 @@ class CausalLM:
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
 
+    def warm_up(self) -> None:
+        """One small forward pass, so the first request doesn't pay for kernel selection and allocation."""
+        self.session().greedy(list(range(8)), 2)
+
     def vocab_hash(self) -> str:
         """Identifies the token-id mapping: draft and verify must agree on it."""
         vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])

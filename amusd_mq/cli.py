@@ -66,14 +66,14 @@ async def _service(role: str, cfg: c.Config) -> int:
 
         await Coordinator(cfg).run(stop)
         return 0
-    from .backend import CausalLM, ModelThread
+    from .backend import ModelThread
     from .draft import DraftWorker
     from .verify import VerifyWorker
     from .worker import FatalWorkerError
 
     name, device = (cfg.draft_model, cfg.draft_device) if role == c.DRAFT else (cfg.verify_model, cfg.verify_device)
     thread = ModelThread(cfg.threads)
-    loading = thread.submit(CausalLM, name, device, cfg.dtype, cfg.cache_dir)
+    loading = thread.submit(_load_warm, name, device, cfg.dtype, cfg.cache_dir)
     waiting = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
@@ -87,6 +87,14 @@ async def _service(role: str, cfg: c.Config) -> int:
         logging.getLogger("amusd_mq").error("%s", exc)
         return 2
     return 0
+
+
+def _load_warm(*args):
+    from .backend import CausalLM
+
+    lm = CausalLM(*args)
+    lm.warm_up()
+    return lm
 
 
 async def _generate(cfg: c.Config, prompt: str, max_new_tokens: int, lookahead: int | None) -> int:
@@ -145,11 +153,20 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
             return 1
         finally:
             deployment.stop()
-    print("\n--- the verify model alone ---", flush=True)
-    ar_ids, ar_s = _autoregressive(cfg.verify_model, cfg.verify_device, cfg.dtype, cfg.cache_dir, threads,
-                                   result.prompt_ids, max_new_tokens)
+    ar_threads = os.cpu_count() or 1
+    print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
+    import torch
+
+    from .backend import autoregressive
+
+    torch.set_num_threads(ar_threads)
+    lm = _load_warm(cfg.verify_model, cfg.verify_device, cfg.dtype, cfg.cache_dir)
+    start = time.perf_counter()
+    ar_ids = autoregressive(lm, result.prompt_ids, max_new_tokens, lm.eos_token_ids)
+    ar_s = time.perf_counter() - start
     spec_rate = result.stats["tokens_per_s"]
     print(f"{'':<22}{'speculative':>14}{'verify alone':>14}")
+    print(f"{'CPU threads':<22}{f'{threads}+{threads}':>14}{ar_threads:>14}")
     print(f"{'tokens':<22}{len(result.token_ids):>14}{len(ar_ids):>14}")
     print(f"{'tokens/s':<22}{spec_rate:>14.2f}{len(ar_ids) / ar_s:>14.2f}")
     print(f"{'speedup':<22}{spec_rate * ar_s / len(ar_ids):>13.2f}x")
@@ -158,8 +175,7 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     same = ar_ids == result.token_ids
     print(f"{'identical output':<22}{'yes' if same else 'NO':>14}")
     if not same:
-        first = next((i for i, (a, b) in enumerate(zip(ar_ids, result.token_ids)) if a != b), min(len(ar_ids), len(result.token_ids)))
-        print(f"first difference at token {first} (bf16 near-ties can flip an argmax; use --dtype float32 to rule them out)")
+        print(_explain_difference(lm, result.prompt_ids, ar_ids, result.token_ids))
     return 0
 
 
@@ -167,13 +183,12 @@ def _exit_on_signal(signum, frame):
     sys.exit(128 + signum)
 
 
-def _autoregressive(name, device, dtype, cache_dir, threads, prompt_ids, max_new_tokens):
-    import torch
-
-    from .backend import CausalLM, autoregressive
-
-    torch.set_num_threads(threads)
-    lm = CausalLM(name, device, dtype, cache_dir)
-    start = time.perf_counter()
-    ids = autoregressive(lm, prompt_ids, max_new_tokens, lm.eos_token_ids)
-    return ids, time.perf_counter() - start
+def _explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], spec_ids: list[int]) -> str:
+    """Where two greedy outputs part, and how close the verify model's two candidates were there."""
+    at = next((i for i, (a, b) in enumerate(zip(ar_ids, spec_ids)) if a != b), min(len(ar_ids), len(spec_ids)))
+    if at == min(len(ar_ids), len(spec_ids)):
+        return f"outputs differ in length after {at} equal tokens"
+    logits = lm.session().logits(prompt_ids + ar_ids[:at], 1)[0]
+    gap = (logits[ar_ids[at]] - logits[spec_ids[at]]).item()
+    return (f"first difference at token {at}: the verify model alone scores its choice only {gap:.4f} above the "
+            f"speculative one, a near-tie that {lm.model.dtype} rounding can flip; --dtype float32 rules this out")

@@ -1,9 +1,8 @@
-from amusd_mq import models
+import pytest
+
 from amusd_mq.backend import CausalLM
 from amusd_mq.detokenize import Detokenizer, unpack_tokenizer
 from amusd_mq.transport import Rejects, pub_url
-
-import pytest
 
 
 def test_streamed_text_equals_full_decode_and_never_splits_characters(tiny_cache):
