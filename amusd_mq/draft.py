@@ -16,7 +16,7 @@ import zmq
 from . import protocol as p
 from .backend import Session
 from .config import DRAFT
-from .transport import make_socket, pub_url, recv, send
+from .transport import make_socket, pub_url, send
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -91,11 +91,7 @@ class DraftWorker(Worker):
 
     async def _sub_loop(self) -> None:
         while True:
-            try:
-                _, msg = await recv(self.sub, self.cfg.max_message_bytes, routed=False)
-            except p.ProtocolError as exc:
-                self.rejects.add(exc.kind, str(exc))
-                continue
+            msg = await self._recv(self.sub)
             if isinstance(msg, p.Beat):
                 if msg.seq > self.last_seq:  # the last update before this beat was lost
                     await self._resync()

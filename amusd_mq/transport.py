@@ -71,3 +71,12 @@ async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[
     except ProtocolError as exc:
         exc.identity = identity
         raise
+
+
+async def recv_valid(sock: zmq.asyncio.Socket, max_bytes: int, rejects: Rejects) -> Message:
+    """The next valid message on a socket with no peer to answer (DEALER, SUB); the rest are counted."""
+    while True:
+        try:
+            return (await recv(sock, max_bytes, routed=False))[1]
+        except ProtocolError as exc:
+            rejects.add(exc.kind, str(exc))

@@ -16,7 +16,7 @@ import zmq.asyncio
 from . import protocol as p
 from .backend import CausalLM, ModelThread
 from .config import Config
-from .transport import Rejects, make_socket, recv, send
+from .transport import Rejects, make_socket, recv_valid, send
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +96,9 @@ class Worker:
     async def _wait_registered(self) -> None:
         while True:
             try:
-                _, msg = await asyncio.wait_for(recv(self.dealer, self.cfg.max_message_bytes, routed=False),
-                                                self.cfg.heartbeat_expiry_s)
+                msg = await asyncio.wait_for(self._recv(self.dealer), self.cfg.heartbeat_expiry_s)
             except asyncio.TimeoutError:
                 raise ConnectionError("no answer to registration") from None
-            except p.ProtocolError as exc:
-                self.rejects.add(exc.kind, str(exc))
-                continue
             if isinstance(msg, p.Registered):
                 self.registered_seq = msg.seq
                 return
@@ -111,17 +107,16 @@ class Worker:
 
     async def _recv_loop(self) -> None:
         while True:
-            try:
-                _, msg = await recv(self.dealer, self.cfg.max_message_bytes, routed=False)
-            except p.ProtocolError as exc:
-                self.rejects.add(exc.kind, str(exc))
-                continue
+            msg = await self._recv(self.dealer)
             self.last_heard = time.monotonic()
             handler = self.handlers.get(type(msg))
             if handler is None:
                 self.rejects.add("unexpected_type", f"{msg.TYPE} is not accepted by a {self.role} worker")
                 continue
             await handler(msg)
+
+    async def _recv(self, sock: zmq.asyncio.Socket) -> p.Message:
+        return await recv_valid(sock, self.cfg.max_message_bytes, self.rejects)
 
     async def _heartbeat(self) -> None:
         while True:
