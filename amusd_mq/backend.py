@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def load_model(name: str, role: str, device: str, dtype: str, cache_dir: str | None, trace_compute: str):
+    """A real model, or with a `trace:FILE` name, a TraceLM replaying that trace."""
+    from .trace import TRACE_PREFIX, TraceLM
+
+    if name.startswith(TRACE_PREFIX):
+        return TraceLM(name, role, trace_compute, device, dtype)
+    return CausalLM(name, device, dtype, cache_dir)
+
+
 class CausalLM:
     def __init__(self, name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,32 +56,38 @@ class CausalLM:
         return zlib.compress(self.tokenizer.backend_tokenizer.to_str().encode(), 6)
 
     def session(self) -> "Session":
-        return Session(self)
+        return Session(self.model, self.device)
+
+
+def reusable_prefix(cached: list[int], seq: list[int], n_out: int) -> int:
+    """How much of a cache holding `cached` serves `seq`, still feeding at least the last n_out tokens."""
+    keep, limit = 0, min(len(cached), len(seq) - n_out)
+    while keep < limit and cached[keep] == seq[keep]:
+        keep += 1
+    return keep
 
 
 class Session:
     """One sequence's KV cache. It remembers which tokens it holds, so callers just pass the full sequence
     they want scored and the cache is cropped to the common prefix: rollback is implicit."""
 
-    def __init__(self, lm: CausalLM):
+    def __init__(self, model, device: torch.device):
         from transformers import DynamicCache
 
-        self.lm = lm
+        self.model = model
+        self.device = device
         self.cache = DynamicCache()
         self.cached: list[int] = []
 
     @torch.inference_mode()
     def logits(self, seq: list[int], n_out: int) -> torch.Tensor:
         """Logits [n_out, vocab] predicting the tokens after each of the last n_out positions of seq."""
-        keep = 0
-        limit = min(len(self.cached), len(seq) - n_out)
-        while keep < limit and self.cached[keep] == seq[keep]:
-            keep += 1
+        keep = reusable_prefix(self.cached, seq, n_out)
         if keep < len(self.cached):
             self.cache.crop(keep - len(self.cached))  # a negative count works on every transformers release
             del self.cached[keep:]
-        feed = torch.tensor([seq[keep:]], device=self.lm.device)
-        out = self.lm.model(input_ids=feed, past_key_values=self.cache, use_cache=True, logits_to_keep=n_out)
+        feed = torch.tensor([seq[keep:]], device=self.device)
+        out = self.model(input_ids=feed, past_key_values=self.cache, use_cache=True, logits_to_keep=n_out)
         self.cached.extend(seq[keep:])
         return out.logits[0].float()
 
@@ -125,13 +140,3 @@ def _settle(future: asyncio.Future, result, exc):
     else:
         future.set_result(result)
 
-
-def autoregressive(lm: CausalLM, prompt_ids: list[int], max_new_tokens: int, stop_token_ids) -> list[int]:
-    """Plain greedy decoding with the same cache and termination rules: the baseline speculation must match."""
-    from .sequence import Sequence
-
-    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
-    session = lm.session()
-    while not seq.done:
-        seq.verdict(len(seq.committed), session.greedy(prompt_ids + seq.committed, 1), 0, 0)
-    return seq.committed

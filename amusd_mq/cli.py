@@ -73,7 +73,7 @@ async def _service(role: str, cfg: c.Config) -> int:
 
     name, device = (cfg.draft_model, cfg.draft_device) if role == c.DRAFT else (cfg.verify_model, cfg.verify_device)
     thread = ModelThread(cfg.threads)
-    loading = thread.submit(_load_warm, name, device, cfg.dtype, cfg.cache_dir)
+    loading = thread.submit(_load_warm, name, role, device, cfg.dtype, cfg.cache_dir, cfg.trace_compute)
     waiting = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set():
@@ -90,9 +90,9 @@ async def _service(role: str, cfg: c.Config) -> int:
 
 
 def _load_warm(*args):
-    from .backend import CausalLM
+    from .backend import load_model
 
-    lm = CausalLM(*args)
+    lm = load_model(*args)
     lm.warm_up()
     return lm
 
@@ -157,12 +157,12 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
     import torch
 
-    from .backend import autoregressive
+    from .baselines import autoregressive
 
     torch.set_num_threads(ar_threads)
-    lm = _load_warm(cfg.verify_model, cfg.verify_device, cfg.dtype, cfg.cache_dir)
+    lm = _load_warm(cfg.verify_model, c.VERIFY, cfg.verify_device, cfg.dtype, cfg.cache_dir, cfg.trace_compute)
     start = time.perf_counter()
-    ar_ids = autoregressive(lm, result.prompt_ids, max_new_tokens, lm.eos_token_ids)
+    ar_ids = autoregressive(lm, result.prompt_ids, max_new_tokens, lm.eos_token_ids).token_ids
     ar_s = time.perf_counter() - start
     spec_rate = result.stats["tokens_per_s"]
     print(f"{'':<22}{'speculative':>14}{'verify alone':>14}")

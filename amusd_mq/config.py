@@ -48,6 +48,9 @@ SETTINGS = (
             (CLIENT,)),
     Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", WORKERS),
     Setting("log_level", "INFO", "Python logging level.", ALL),
+    Setting("trace_compute", "latency:profile.json",
+            "For trace:FILE models: latency:PROFILE.json (sleeps) or shape:DRAFT,VERIFY (random-weight forwards, "
+            "e.g. shape:llama-3.2-1b,llama-3.1-8b).", WORKERS),
     Setting("draft_delay_ms", 0.0, "Fault injection: extra milliseconds per draft step.", (DRAFT,)),
     Setting("verify_delay_ms", 0.0, "Fault injection: extra milliseconds per verify step.", (VERIFY,)),
     Setting("draft_wrong", False, "Fault injection: the draft proposes a token it knows is wrong.", (DRAFT,)),
@@ -71,6 +74,7 @@ class Config:
     timeout_s: float
     cache_dir: str
     log_level: str
+    trace_compute: str
     draft_delay_ms: float
     verify_delay_ms: float
     draft_wrong: bool

@@ -23,6 +23,7 @@ from .transport import Rejects, make_socket, pub_url, recv, send
 
 log = logging.getLogger(__name__)
 MAX_LOOKAHEAD = 64
+POLICIES = ("eager", "amusd")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Request:
     client_req_id: str
     seq: Sequence
     lookahead: int
+    policy: str
     detok: Detokenizer
     verifier: bytes | None = None
     draft: bytes | None = None
@@ -159,7 +161,8 @@ class Coordinator:
         stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(eos))
         rid = uuid.uuid4().hex
         self.requests[rid] = Request(
-            rid=rid, client=identity, client_req_id=msg.req_id, lookahead=lookahead, detok=Detokenizer(self.tokenizer),
+            rid=rid, client=identity, client_req_id=msg.req_id, lookahead=lookahead, policy=msg.policy,
+            detok=Detokenizer(self.tokenizer),
             seq=Sequence(prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
         self.by_client[(identity, msg.req_id)] = rid
         self.queue.append(rid)
@@ -167,13 +170,15 @@ class Coordinator:
 
     def _validate(self, identity: bytes, msg: p.Generate) -> tuple[list[int], int, list[int]]:
         verifiers = self._verifiers()
-        if not verifiers or self.tokenizer is None:
+        if not verifiers:
             raise RequestError("no_worker", "no verify worker is registered with the coordinator")
         info = verifiers[0].info
         if (identity, msg.req_id) in self.by_client:
             raise RequestError("invalid_request", f"request id {msg.req_id!r} is already in flight")
         if (msg.prompt is None) == (msg.prompt_ids is None):
             raise RequestError("invalid_request", "give exactly one of prompt and prompt_ids")
+        if msg.prompt is not None and self.tokenizer is None:
+            raise RequestError("invalid_request", "the verify model has no tokenizer; send prompt_ids")
         ids = msg.prompt_ids if msg.prompt is None else self.tokenizer.encode(msg.prompt).ids
         if not ids:
             raise RequestError("invalid_request", "the prompt is empty")
@@ -188,6 +193,8 @@ class Coordinator:
         lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
         if not 1 <= lookahead <= MAX_LOOKAHEAD:
             raise RequestError("invalid_request", f"lookahead must be in [1, {MAX_LOOKAHEAD}], not {lookahead}")
+        if msg.policy not in POLICIES:
+            raise RequestError("invalid_request", f"policy must be one of {POLICIES}, not {msg.policy!r}")
         return ids, lookahead, info.eos_token_ids
 
     async def on_cancel(self, identity: bytes, msg: p.Cancel) -> None:
@@ -207,10 +214,7 @@ class Coordinator:
             await self._reject(identity, "vocab_mismatch",
                                f"{msg.role} model {msg.model} has a different vocabulary from the registered {others}")
             return
-        if msg.role == VERIFY and self.tokenizer is None:
-            if msg.tokenizer is None:
-                await self._reject(identity, "invalid_register", "a verify worker must send its tokenizer")
-                return
+        if msg.role == VERIFY and self.tokenizer is None and msg.tokenizer is not None:
             try:
                 self.tokenizer = unpack_tokenizer(msg.tokenizer)
             except Exception as exc:
@@ -318,7 +322,8 @@ class Coordinator:
         s = req.seq
         await send(self.router, p.Assign(
             req_id=req.rid, prompt_ids=s.prompt_ids, committed=s.committed, epoch=s.epoch,
-            max_new_tokens=s.max_new_tokens, stop_token_ids=sorted(s.stop_token_ids), lookahead=req.lookahead),
+            max_new_tokens=s.max_new_tokens, stop_token_ids=sorted(s.stop_token_ids), lookahead=req.lookahead,
+            policy=req.policy),
             identity)
 
     async def _release(self, req: Request) -> None:

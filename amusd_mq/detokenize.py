@@ -20,14 +20,14 @@ def unpack_tokenizer(blob: bytes) -> Tokenizer:
 class Detokenizer:
     """Decodes a window of recent ids and emits only text that can no longer change (TGI's scheme)."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer | None):
         self._tok = tokenizer
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True)
+        return self._tok.decode(ids, skip_special_tokens=True) if self._tok is not None else ""
 
     def push(self, ids: list[int]) -> str:
         self._ids.extend(ids)

@@ -70,6 +70,7 @@ class Generate(Message):
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     lookahead: int | None = None
+    policy: str = "eager"  # or "amusd": the original's verifier, for comparison
 
 
 @message
@@ -170,6 +171,7 @@ class Assign(Message):
     max_new_tokens: int
     stop_token_ids: list[int]
     lookahead: int
+    policy: str
 
 
 @message

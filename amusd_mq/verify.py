@@ -6,6 +6,7 @@ committing one token like plain decoding, so a slow, wrong or absent draft costs
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,13 +27,16 @@ class VerifyRequest:
     prompt: list[int]
     seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
     lookahead: int
+    policy: str = "eager"
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
     epoch: int = -1
     dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
     done: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def release(self) -> None:
         self.done = True
+        self.arrived.set()
 
     def offer(self, epoch: int, pos: int, tokens: list[int]) -> None:
         if epoch <= self.dead_epoch or epoch < self.epoch:
@@ -41,6 +45,7 @@ class VerifyRequest:
             self.proposals.clear()
             self.epoch = epoch
         self.proposals.update(enumerate(tokens, start=pos))
+        self.arrived.set()
 
     def take(self) -> list[int]:
         """The proposals that extend the committed prefix, leaving room for the verifier's own token."""
@@ -76,7 +81,8 @@ class VerifyWorker(Worker):
     def new_request(self, msg: p.Assign) -> VerifyRequest:
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
                        stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
-        return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead)
+        return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead,
+                             policy=msg.policy)
 
     async def on_propose(self, msg: p.Propose) -> None:
         r = self.requests.get(msg.req_id)
@@ -91,6 +97,8 @@ class VerifyWorker(Worker):
         session = self.lm.session()
         while not r.done and not r.seq.done:
             draft = r.take()
+            if r.policy == "amusd":
+                draft = await self._wait_for_two(r, draft)
             tokens, accepted = await self.thread.submit(self._step, session, r.prompt + r.seq.committed, draft)
             if r.done:
                 return
@@ -99,6 +107,19 @@ class VerifyWorker(Worker):
             r.settle(start, tokens)
             await send(self.dealer, p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
                                               accepted=accepted))
+
+    async def _wait_for_two(self, r: VerifyRequest, draft: list[int]) -> list[int]:
+        """The original AMUSD verifier waits until the draft is 2 ahead. Kept for comparison only; unlike the
+        original it gives up after a heartbeat expiry, so a dead draft can't stall it forever."""
+        deadline = time.monotonic() + self.cfg.heartbeat_expiry_s
+        while len(draft) < min(2, r.seq.max_new_tokens - len(r.seq.committed) - 1) and not r.done:
+            r.arrived.clear()
+            try:
+                await asyncio.wait_for(r.arrived.wait(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            draft = r.take()
+        return draft
 
     def _step(self, session: Session, seq: list[int], draft: list[int]) -> tuple[list[int], int]:
         result = verify_greedy(session, seq, draft)

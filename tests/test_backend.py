@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from amusd_mq import models
-from amusd_mq.backend import CausalLM, ModelThread, autoregressive, verify_greedy
+from amusd_mq.backend import CausalLM, ModelThread, verify_greedy
+from amusd_mq.baselines import autoregressive, speculative_sync
 
 
 def full_logits(lm, seq):
@@ -45,7 +46,7 @@ def test_verify_greedy_accepts_the_agreeing_prefix_plus_one(tiny_verify, referen
 def test_autoregressive_matches_generate(tiny_verify, reference):
     prompt = tiny_verify.tokenizer("def fib(n):")["input_ids"]
     ref = reference(prompt, 30)
-    assert autoregressive(tiny_verify, prompt, 30, tiny_verify.eos_token_ids) == ref
+    assert autoregressive(tiny_verify, prompt, 30, tiny_verify.eos_token_ids).token_ids == ref
 
 
 def test_tiny_models_are_deterministic_and_share_a_vocabulary(tiny_cache, tmp_path, tiny_verify):
@@ -87,3 +88,14 @@ async def test_model_thread_keeps_the_event_loop_free():
     assert await job is True
     with pytest.raises(ZeroDivisionError):
         await thread.submit(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_synchronous_speculation_matches_generate(tiny_cache, tiny_verify, reference, gamma):
+    draft = CausalLM("tiny-draft", "cpu", "float32", tiny_cache)
+    for prompt in ("def fib(n):", "Hello, world"):
+        ids = tiny_verify.tokenizer(prompt)["input_ids"]
+        run = speculative_sync(draft, tiny_verify, ids, 30, tiny_verify.eos_token_ids, gamma)
+        assert run.token_ids == reference(ids, 30)
+        assert len(run.times) == len(run.token_ids) and run.times == sorted(run.times)
+        assert 0 < run.accepted <= run.proposed <= gamma * run.verify_steps

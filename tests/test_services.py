@@ -200,19 +200,21 @@ async def test_stop_token_ids(deploy, reference, tiny_verify):
 
 
 async def test_ignore_eos_decodes_past_the_end_of_text(deploy, tiny_verify):
-    from amusd_mq.backend import autoregressive
+    from amusd_mq.baselines import autoregressive
+
+    def greedy(prompt_ids, n, stop):
+        return autoregressive(tiny_verify, prompt_ids, n, stop).token_ids
 
     eos = tiny_verify.eos_token_ids
-    ids = next(q for q in ([i, j] for i in range(40) for j in range(40))
-               if autoregressive(tiny_verify, q, 40, eos)[-1] in eos)
-    plain = autoregressive(tiny_verify, ids, 40, eos)
+    ids = next(q for q in ([i, j] for i in range(40) for j in range(40)) if greedy(q, 40, eos)[-1] in eos)
+    plain = greedy(ids, 40, eos)
     d = deploy()
     await d.wait_ready(timeout_s=120)
     async with AsyncClient(d.url, timeout_s=30) as client:
         stopped = await client.generate(prompt_ids=ids, max_new_tokens=40)
         ignored = await client.generate(prompt_ids=ids, max_new_tokens=len(plain) + 10, ignore_eos=True)
     assert stopped.token_ids == plain and stopped.finish_reason == "stop"
-    assert ignored.token_ids == autoregressive(tiny_verify, ids, len(plain) + 10, []) and len(ignored.token_ids) > len(plain)
+    assert ignored.token_ids == greedy(ids, len(plain) + 10, []) and len(ignored.token_ids) > len(plain)
 
 
 async def test_vocabulary_mismatch_is_refused(deploy, tiny_cache, tmp_path):

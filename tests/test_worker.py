@@ -65,7 +65,7 @@ async def harness(tiny_cache):
 
 def assign(**kw):
     base = dict(req_id="r1", prompt_ids=[5, 6, 7], committed=[], epoch=0, max_new_tokens=8, stop_token_ids=[],
-                lookahead=4)
+                lookahead=4, policy="eager")
     return p.Assign(**{**base, **kw})
 
 

@@ -1,0 +1,52 @@
+"""The schedules speculation is measured against, run in one process on the same models and sessions:
+plain greedy decoding (`ar`) and synchronous speculative decoding (`sd`: draft gamma, then verify)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from .backend import verify_greedy
+from .sequence import Sequence
+
+
+@dataclass
+class Run:
+    token_ids: list[int] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # perf_counter() when each token was committed
+    verify_steps: int = 0
+    draft_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    def commit(self, seq: Sequence, tokens: list[int], proposed: int, accepted: int) -> None:
+        tokens, _ = seq.verdict(len(seq.committed), tokens, proposed, accepted)
+        now = time.perf_counter()
+        self.token_ids += tokens
+        self.times += [now] * len(tokens)
+        self.verify_steps += 1
+        self.proposed += proposed
+        self.accepted += accepted
+
+
+def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_ids) -> Run:
+    """Plain greedy decoding with the same cache and termination rules: the output speculation must match."""
+    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
+    session, run = lm.session(), Run()
+    while not seq.done:
+        run.commit(seq, session.greedy(prompt_ids + seq.committed, 1), 0, 0)
+    return run
+
+
+def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens: int, stop_token_ids,
+                     gamma: int) -> Run:
+    """Leviathan et al.: the draft proposes gamma tokens one by one, then the verifier checks them at once."""
+    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
+    draft_session, verify_session, run = draft_lm.session(), verify_lm.session(), Run()
+    while not seq.done:
+        draft: list[int] = []
+        for _ in range(min(gamma, seq.max_new_tokens - len(seq.committed) - 1)):
+            draft += draft_session.greedy(prompt_ids + seq.committed + draft, 1)
+            run.draft_steps += 1
+        tokens, accepted = verify_greedy(verify_session, prompt_ids + seq.committed, draft)
+        run.commit(seq, tokens, len(draft), accepted)
+    return run

@@ -1,0 +1,185 @@
+"""Replaying a real pair's token decisions with the compute of any other model.
+
+A trace holds, for each prompt, the verify model's greedy output y and the draft's teacher-forced guess
+d_i for each position i (its greedy choice given prompt + y[:i]). With chain drafting only the first
+wrong guess matters, so these fix the outcome of every greedy schedule (REFERENCE.md section 6). A
+TraceLM is a drop-in model whose choices come from the trace and whose time comes from a latency profile
+(sleeps of t_d and t_v(n)) or from a real forward pass of a random-weight model of a given shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+TRACE_PREFIX = "trace:"
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "tiny": (64, 2, 4, 2, 128, 512),
+    "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128256),
+    "llama-3.1-8b": (4096, 32, 32, 8, 14336, 128256),
+}
+
+
+@dataclass
+class TracedPrompt:
+    id: str
+    prompt_ids: list[int]
+    target: list[int]  # the verify model's greedy output
+    draft: list[int]  # draft[i]: the draft's greedy guess for target[i] given prompt + target[:i]
+
+
+@dataclass
+class Trace:
+    draft_model: str
+    verify_model: str
+    dtype: str
+    vocab_size: int
+    eos_token_ids: list[int]
+    max_new_tokens: int
+    prompts: list[TracedPrompt]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trace":
+        raw = json.loads(Path(path).read_text())
+        raw["prompts"] = [TracedPrompt(**p) for p in raw["prompts"]]
+        return cls(**raw)
+
+    def acceptance(self) -> float:
+        """Fraction of positions where the draft's teacher-forced guess is the verify model's token."""
+        pairs = [(d, t) for p in self.prompts for d, t in zip(p.draft, p.target)]
+        return sum(d == t for d, t in pairs) / max(1, len(pairs))
+
+
+def record(draft_lm, verify_lm, prompts: list[tuple[str, list[int]]], max_new_tokens: int, dtype: str,
+           progress=None) -> Trace:
+    from .baselines import autoregressive
+
+    traced = []
+    for pid, ids in prompts:
+        target = autoregressive(verify_lm, ids, max_new_tokens, verify_lm.eos_token_ids).token_ids
+        guesses = draft_lm.session().greedy(ids + target[:-1], len(target))
+        traced.append(TracedPrompt(pid, ids, target, guesses))
+        if progress:
+            progress.update(1)
+    return Trace(draft_lm.name, verify_lm.name, dtype, verify_lm.vocab_size, verify_lm.eos_token_ids,
+                 max_new_tokens, traced)
+
+
+@dataclass
+class LatencyProfile:
+    """Step times in ms: the draft's per token, the verifier's by number of tokens fed (linear between)."""
+    draft_ms: float
+    verify_ms: dict[int, float]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyProfile":
+        raw = json.loads(Path(path).read_text())
+        return cls(float(raw["draft_ms"]), {int(k): float(v) for k, v in raw["verify_ms"].items()})
+
+    def verify(self, n: int) -> float:
+        points = sorted(self.verify_ms.items())
+        if len(points) == 1 or n <= points[0][0]:
+            return points[0][1]
+        for (n0, t0), (n1, t1) in zip(points, points[1:]):
+            if n <= n1:
+                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+        (n0, t0), (n1, t1) = points[-2:]
+        return t1 + (t1 - t0) * (n - n1) / (n1 - n0)
+
+    def step_ms(self, role: str, n: int) -> float:
+        return self.draft_ms if role == "draft" else self.verify(n)
+
+
+def shaped_model(shape: str, device: str, dtype):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
+                         max_position_embeddings=8192)
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
+class TraceLM:
+    """Duck-types CausalLM for the workers and baselines. `compute` is "latency:PROFILE.json" or
+    "shape:DRAFT_SHAPE,VERIFY_SHAPE"; the role picks its half."""
+
+    def __init__(self, spec: str, role: str, compute: str, device: str = "cpu", dtype: str = "bfloat16"):
+        self.name = spec
+        self.role = role
+        self.trace = Trace.load(spec[len(TRACE_PREFIX):])
+        self.vocab_size = self.trace.vocab_size
+        self.max_context = 1 << 20
+        self.eos_token_ids = self.trace.eos_token_ids
+        self.by_prompt = {tuple(p.prompt_ids): p for p in self.trace.prompts}
+        kind, _, arg = compute.partition(":")
+        self.profile = self.shaped = None
+        if kind == "latency":
+            self.profile = LatencyProfile.load(arg)
+        elif kind == "shape":
+            from .backend import DTYPES
+
+            self.device = device
+            self.shaped = shaped_model(arg.split(",")[0 if role == "draft" else 1], device, DTYPES[dtype])
+        else:
+            raise ValueError(f"trace compute must be latency:PROFILE.json or shape:DRAFT,VERIFY, not {compute!r}")
+
+    def vocab_hash(self) -> str:
+        return hashlib.sha256(f"{self.trace.verify_model}/{self.vocab_size}".encode()).hexdigest()
+
+    def packed_tokenizer(self) -> None:
+        return None  # a trace deployment takes prompt_ids only
+
+    def warm_up(self) -> None:
+        if self.shaped is not None:
+            self.session().greedy(list(self.trace.prompts[0].prompt_ids), 1)
+
+    def session(self) -> "TraceSession":
+        return TraceSession(self)
+
+
+class TraceSession:
+    def __init__(self, lm: TraceLM):
+        from .backend import Session
+
+        self.lm = lm
+        self.record: TracedPrompt | None = None
+        self.compute = Session(lm.shaped, lm.device) if lm.shaped is not None else None
+        self.cached: list[int] = []
+
+    def greedy(self, seq: list[int], n_out: int) -> list[int]:
+        lm = self.lm
+        if self.record is None:
+            self.record = next((r for r in lm.trace.prompts if seq[:len(r.prompt_ids)] == r.prompt_ids), None)
+            if self.record is None:
+                raise KeyError("prompt not in the trace")
+        self._spend(seq, n_out)
+        gen = seq[len(self.record.prompt_ids):]
+        target = self.record.target
+        on_path = next((i for i, (a, b) in enumerate(zip(gen, target)) if a != b), min(len(gen), len(target)))
+        choices = self.record.draft if lm.role == "draft" else target
+        out = []
+        for j in range(len(gen) - n_out + 1, len(gen) + 1):
+            if j < len(target) and j <= on_path:
+                out.append(choices[j])
+            else:  # off the recorded path only the first wrong guess matters; anything the verifier rejects will do
+                out.append((target[j] + 1) % lm.vocab_size if j < len(target) else 0)
+        return out
+
+    def _spend(self, seq: list[int], n_out: int) -> None:
+        from .backend import reusable_prefix
+
+        if self.compute is not None:
+            vocab = self.lm.shaped.config.vocab_size
+            self.compute.logits([t % vocab for t in seq], n_out)
+            return
+        keep = reusable_prefix(self.cached, seq, n_out)
+        self.cached = list(seq)
+        time.sleep(self.lm.profile.step_ms(self.lm.role, len(seq) - keep) / 1000)
