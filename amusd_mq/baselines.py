@@ -50,3 +50,14 @@ def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens:
         tokens, accepted = verify_greedy(verify_session, prompt_ids + seq.committed, draft)
         run.commit(seq, tokens, len(draft), accepted)
     return run
+
+
+def explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], other_ids: list[int]) -> str:
+    """Where two greedy outputs part, and how close the verify model's two candidates were there."""
+    at = next((i for i, (a, b) in enumerate(zip(ar_ids, other_ids)) if a != b), min(len(ar_ids), len(other_ids)))
+    if at == min(len(ar_ids), len(other_ids)):
+        return f"outputs differ in length after {at} equal tokens"
+    logits = lm.session().logits(prompt_ids + ar_ids[:at], 1)[0]
+    gap = (logits[ar_ids[at]] - logits[other_ids[at]]).item()
+    return (f"first difference at token {at}: the verify model alone scores its choice only {gap:.4f} above the "
+            f"other, a near-tie that {lm.model.dtype} rounding can flip; float32 rules this out")

@@ -30,6 +30,18 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-new-tokens", type=int, default=128)
     c.add_flags(demo)
+    bench = sub.add_parser("bench", help="ar vs synchronous vs asynchronous speculation, against the ideal")
+    bench.add_argument("--backend", choices=("hf", "trace"), default="hf")
+    bench.add_argument("--trace", help="trace file for --backend trace (amusd-mq record-trace writes one)")
+    _dataset_flags(bench)
+    bench.add_argument("--gammas", default="2,4,6", help="draft lengths for sd, comma-separated")
+    bench.add_argument("--strategies", default="ar,sd,async,amusd-policy")
+    bench.add_argument("--out", default=None, help="results folder (default bench-results/<date-time>)")
+    c.add_flags(bench)
+    rec = sub.add_parser("record-trace", help="record the draft/verify decisions of a real pair on a dataset")
+    _dataset_flags(rec)
+    rec.add_argument("--out", required=True, help="trace file to write")
+    c.add_flags(rec)
     args = parser.parse_args(argv)
     try:
         cfg = c.load(args)
@@ -40,7 +52,73 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(run_service(args.command, cfg))
     if args.command == "generate":
         sys.exit(_run(_generate(cfg, args.prompt, args.max_new_tokens, args.request_lookahead)))
-    sys.exit(demo_main(cfg, args.prompt, args.max_new_tokens))
+    if args.command == "demo":
+        sys.exit(demo_main(cfg, args.prompt, args.max_new_tokens))
+    try:
+        sys.exit(bench_main(cfg, args) if args.command == "bench" else record_main(cfg, args))
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def _dataset_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="humaneval", help="humaneval, refactor, or a JSONL file of prompts")
+    parser.add_argument("--prompts", type=int, default=10, help="how many prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def _tokenized(cfg: c.Config, args) -> list[tuple[str, list[int]]]:
+    from transformers import AutoTokenizer
+
+    from . import datasets, models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(cfg.verify_model, cfg.cache_dir))
+    return [(pid, tokenizer(text)["input_ids"]) for pid, text in datasets.load(args.dataset, args.prompts)]
+
+
+def bench_main(cfg: c.Config, args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .bench import Bench
+    from .trace import TRACE_PREFIX, Trace
+
+    trace = prompts = None
+    if args.backend == "trace":
+        if not args.trace:
+            raise ValueError("--backend trace needs --trace FILE")
+        trace = Trace.load(args.trace)
+        trace.prompts = trace.prompts[:args.prompts]
+        spec = TRACE_PREFIX + str(Path(args.trace).resolve())
+        cfg = replace(cfg, draft_model=spec, verify_model=spec)
+    else:
+        prompts = _tokenized(cfg, args)
+    out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
+    strategies = args.strategies.split(",")
+    summary = Bench(cfg, args.backend, prompts, trace, args.max_new_tokens, [int(g) for g in args.gammas.split(",")],
+                    cfg.lookahead, strategies, out).run()
+    from .bench import format_table
+
+    print(format_table(summary))
+    for diff in summary["differences"]:
+        print(f"{diff['prompt']} {diff['strategy']}: {diff['difference']}")
+    print(f"results, plots and logs in {out}")
+    return 0
+
+
+def record_main(cfg: c.Config, args) -> int:
+    from tqdm import tqdm
+
+    from .backend import CausalLM
+    from .trace import record
+
+    prompts = _tokenized(cfg, args)
+    draft = CausalLM(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.cache_dir)
+    verify = CausalLM(cfg.verify_model, cfg.verify_device, cfg.dtype, cfg.cache_dir)
+    with tqdm(total=len(prompts), desc="recording", unit="prompt") as bar:
+        trace = record(draft, verify, prompts, args.max_new_tokens, cfg.dtype, bar)
+    trace.save(args.out)
+    print(f"{len(trace.prompts)} prompts, teacher-forced acceptance {trace.acceptance():.3f}, written to {args.out}")
+    return 0
 
 
 def _run(coro) -> int:
@@ -157,7 +235,7 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
     import torch
 
-    from .baselines import autoregressive
+    from .baselines import autoregressive, explain_difference
 
     torch.set_num_threads(ar_threads)
     lm = _load_warm(cfg.verify_model, c.VERIFY, cfg.verify_device, cfg.dtype, cfg.cache_dir, cfg.trace_compute)
@@ -175,20 +253,9 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     same = ar_ids == result.token_ids
     print(f"{'identical output':<22}{'yes' if same else 'NO':>14}")
     if not same:
-        print(_explain_difference(lm, result.prompt_ids, ar_ids, result.token_ids))
+        print(explain_difference(lm, result.prompt_ids, ar_ids, result.token_ids))
     return 0
 
 
 def _exit_on_signal(signum, frame):
     sys.exit(128 + signum)
-
-
-def _explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], spec_ids: list[int]) -> str:
-    """Where two greedy outputs part, and how close the verify model's two candidates were there."""
-    at = next((i for i, (a, b) in enumerate(zip(ar_ids, spec_ids)) if a != b), min(len(ar_ids), len(spec_ids)))
-    if at == min(len(ar_ids), len(spec_ids)):
-        return f"outputs differ in length after {at} equal tokens"
-    logits = lm.session().logits(prompt_ids + ar_ids[:at], 1)[0]
-    gap = (logits[ar_ids[at]] - logits[spec_ids[at]]).item()
-    return (f"first difference at token {at}: the verify model alone scores its choice only {gap:.4f} above the "
-            f"speculative one, a near-tie that {lm.model.dtype} rounding can flip; --dtype float32 rules this out")

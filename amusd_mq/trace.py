@@ -55,6 +55,11 @@ class Trace:
         return sum(d == t for d, t in pairs) / max(1, len(pairs))
 
 
+def trace_prompt(draft_lm, pid: str, prompt_ids: list[int], target: list[int]) -> TracedPrompt:
+    """One teacher-forced draft pass over the verify model's output gives every guess at once."""
+    return TracedPrompt(pid, prompt_ids, target, draft_lm.session().greedy(prompt_ids + target[:-1], len(target)))
+
+
 def record(draft_lm, verify_lm, prompts: list[tuple[str, list[int]]], max_new_tokens: int, dtype: str,
            progress=None) -> Trace:
     from .baselines import autoregressive
@@ -62,8 +67,7 @@ def record(draft_lm, verify_lm, prompts: list[tuple[str, list[int]]], max_new_to
     traced = []
     for pid, ids in prompts:
         target = autoregressive(verify_lm, ids, max_new_tokens, verify_lm.eos_token_ids).token_ids
-        guesses = draft_lm.session().greedy(ids + target[:-1], len(target))
-        traced.append(TracedPrompt(pid, ids, target, guesses))
+        traced.append(trace_prompt(draft_lm, pid, ids, target))
         if progress:
             progress.update(1)
     return Trace(draft_lm.name, verify_lm.name, dtype, verify_lm.vocab_size, verify_lm.eos_token_ids,

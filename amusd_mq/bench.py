@@ -1,0 +1,293 @@
+"""`amusd-mq bench`: autoregressive vs synchronous vs asynchronous speculation, against the ideal and bounds.
+
+Per prompt, strategies run back to back so drift hits all alike: `ar` and `sd` (gamma = each of
+--gammas) in this process, `async` (our services) and `amusd-policy` (our services with the original's
+verifier: wait for 2 proposals, no lookahead cap) through real sockets. Timing boundary, identical for
+all: from the commit of the first token to that of the last, per token (prefill excluded). The ideal of
+each run is the discrete-event simulation of its schedule on the same trace and latency profile.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import config as c
+from . import simulate
+from .trace import LatencyProfile, Trace, TracedPrompt, trace_prompt
+
+AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
+
+
+@dataclass
+class Result:
+    prompt: str
+    strategy: str
+    tokens: int
+    ms_per_token: float
+    ideal_ms_per_token: float
+    verify_steps: int
+    draft_steps: int
+    proposed: int
+    accepted: int
+    rollbacks: int
+    identical: bool
+    difference: str = ""
+    times: list[float] = field(default_factory=list)  # seconds since the first token, per token
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.verify_steps if self.verify_steps else 0.0
+
+
+def calibrate(lm, prompt_ids: list[int], extension: list[int], sizes=(1, 2, 4, 8, 16), repeats=5) -> dict[int, float]:
+    """Median ms of a forward pass feeding n new tokens after a cached prefix, for each n."""
+    session = lm.session()
+    out = {}
+    for n in sizes:
+        samples = []
+        for _ in range(repeats):
+            session.greedy(prompt_ids, 1)  # leaves the cache at the prefix
+            start = time.perf_counter()
+            session.greedy(prompt_ids + extension[:n], 1)
+            samples.append((time.perf_counter() - start) * 1000)
+        out[n] = statistics.median(samples)
+    return out
+
+
+def profile_of(draft_lm, verify_lm, prompt: TracedPrompt) -> LatencyProfile:
+    ext = prompt.target[:16]
+    return LatencyProfile(calibrate(draft_lm, prompt.prompt_ids, ext, sizes=(1,))[1],
+                          calibrate(verify_lm, prompt.prompt_ids, ext, sizes=tuple(n for n in (1, 2, 4, 8, 16)
+                                                                                     if n <= len(ext))))
+
+
+class Bench:
+    def __init__(self, cfg: c.Config, backend: str, prompts: list[tuple[str, list[int]]] | None, trace: Trace | None,
+                 max_new_tokens: int, gammas: list[int], lookahead: int, strategies: list[str], out: Path):
+        self.cfg, self.backend, self.max_new = cfg, backend, max_new_tokens
+        self.gammas, self.lookahead, self.strategies, self.out = gammas, lookahead, strategies, out
+        self.trace = trace
+        self.prompts = prompts or [(p.id, p.prompt_ids) for p in trace.prompts]
+        self.results: list[Result] = []
+        self.traced: dict[str, TracedPrompt] = {}
+
+    def load_models(self):
+        from .backend import load_model
+
+        def load(role, name, device):
+            lm = load_model(name, role, device, self.cfg.dtype, self.cfg.cache_dir, self.cfg.trace_compute)
+            lm.warm_up()
+            return lm
+
+        self.draft = load(c.DRAFT, self.cfg.draft_model, self.cfg.draft_device)
+        self.verify = load(c.VERIFY, self.cfg.verify_model, self.cfg.verify_device)
+
+    def worker_threads(self) -> int:
+        return self.cfg.threads or max(1, (os.cpu_count() or 2) // 2)
+
+    def run(self) -> dict:
+        import torch
+        from tqdm import tqdm
+
+        from .launch import Deployment
+
+        self.load_models()
+        self.out.mkdir(parents=True, exist_ok=True)
+        per_prompt = 1 + len(self.gammas) * ("sd" in self.strategies) + sum(
+            s in self.strategies for s in ("async", "amusd-policy"))
+        need_services = any(s in self.strategies for s in ("async", "amusd-policy"))
+        with tempfile.TemporaryDirectory(prefix="amusd-bench-") as tmp:
+            env = {"AMUSD_COORDINATOR_URL": f"ipc://{tmp}/c", "AMUSD_DRAFT_MODEL": self.cfg.draft_model,
+                   "AMUSD_VERIFY_MODEL": self.cfg.verify_model, "AMUSD_DRAFT_DEVICE": self.cfg.draft_device,
+                   "AMUSD_VERIFY_DEVICE": self.cfg.verify_device, "AMUSD_DTYPE": self.cfg.dtype,
+                   "AMUSD_THREADS": str(self.worker_threads()), "AMUSD_CACHE_DIR": self.cfg.cache_dir,
+                   "AMUSD_TRACE_COMPUTE": self.cfg.trace_compute, "AMUSD_LOG_LEVEL": "WARNING"}
+            deployment = Deployment(env, self.out / "logs", roles=() if not need_services else
+                                    (c.COORDINATOR, c.VERIFY, c.DRAFT))
+            try:
+                if need_services:
+                    asyncio.run(deployment.wait_ready())
+                bar = tqdm(total=len(self.prompts) * per_prompt, desc="bench", unit="run")
+                for pid, ids in self.prompts:
+                    self._prompt(pid, ids, env["AMUSD_COORDINATOR_URL"], bar)
+                bar.close()
+            finally:
+                deployment.stop()
+        # The ideal of each run uses step times measured on the resources it ran on: all threads in this
+        # process for ar and sd, the workers' share for the services.
+        self.profiles = {"here": self._profile()}
+        torch.set_num_threads(self.worker_threads())
+        self.profiles["workers"] = self._profile()
+        for r in self.results:
+            r.ideal_ms_per_token = self._ideal(r)
+        return self.report()
+
+    def _prompt(self, pid: str, ids: list[int], url: str, bar) -> None:
+        from .baselines import autoregressive, explain_difference, speculative_sync
+
+        eos = self.verify.eos_token_ids
+        ar = autoregressive(self.verify, ids, self.max_new, eos)
+        self._add(pid, "ar", ar.token_ids, ar.times, ar.verify_steps, 0, 0, 0, 0, ar.token_ids)
+        bar.update(1)
+        self.traced[pid] = (next(p for p in self.trace.prompts if p.id == pid) if self.trace else
+                            trace_prompt(self.draft, pid, ids, ar.token_ids))
+        runs = []
+        if "sd" in self.strategies:
+            for g in self.gammas:
+                sd = speculative_sync(self.draft, self.verify, ids, self.max_new, eos, g)
+                runs.append((f"sd-{g}", sd.token_ids, sd.times, sd.verify_steps, sd.draft_steps, sd.proposed,
+                             sd.accepted, 0))
+                bar.update(1)
+        for strategy, lookahead, policy in (("async", self.lookahead, "eager"),
+                                            ("amusd-policy", AMUSD_LOOKAHEAD, "amusd")):
+            if strategy in self.strategies:
+                ids_out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, lookahead, policy))
+                runs.append((strategy, ids_out, times, stats["verify_steps"], stats["draft_steps"], stats["proposed"],
+                             stats["accepted"], stats["rollbacks"]))
+                bar.update(1)
+        for name, out_ids, times, *counts in runs:
+            result = self._add(pid, name, out_ids, times, *counts, ar.token_ids)
+            if not result.identical and hasattr(self.verify, "model"):
+                result.difference = explain_difference(self.verify, ids, ar.token_ids, out_ids)
+
+    def _add(self, pid, strategy, ids, times, verify_steps, draft_steps, proposed, accepted, rollbacks, ar_ids):
+        t0 = times[0] if times else 0.0
+        result = Result(pid, strategy, len(ids), simulate.ms_per_token(times) * 1000, 0.0, verify_steps, draft_steps,
+                        proposed, accepted, rollbacks, ids == ar_ids, times=[t - t0 for t in times])
+        self.results.append(result)
+        return result
+
+    def _profile(self) -> LatencyProfile:
+        if self.cfg.trace_compute.startswith("latency:") and self.backend == "trace":
+            return LatencyProfile.load(self.cfg.trace_compute.split(":", 1)[1])
+        return profile_of(self.draft, self.verify, next(iter(self.traced.values())))
+
+    def _ideal(self, r: Result) -> float:
+        p = self.traced[r.prompt]
+        lat = self.profiles["here" if r.strategy == "ar" or r.strategy.startswith("sd-") else "workers"]
+        if r.strategy == "ar":
+            times = simulate.autoregressive(p, lat)
+        elif r.strategy.startswith("sd-"):
+            times = simulate.synchronous(p, lat, int(r.strategy[3:]))
+        else:
+            policy = "amusd" if r.strategy == "amusd-policy" else "eager"
+            times = simulate.asynchronous(p, lat, AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead, policy)
+        return simulate.ms_per_token(times)
+
+    def report(self) -> dict:
+        strategies = list(dict.fromkeys(r.strategy for r in self.results))
+        mean = {s: statistics.mean(r.ms_per_token for r in self.results if r.strategy == s) for s in strategies}
+        sd_names = [s for s in strategies if s.startswith("sd-")]
+        best_sd = min(sd_names, key=mean.get) if sd_names else None
+        rows = []
+        for s in strategies:
+            rs = [r for r in self.results if r.strategy == s]
+            ideal = statistics.mean(r.ideal_ms_per_token for r in rs)
+            rows.append({
+                "strategy": s, "ms_per_token": mean[s], "speedup_vs_ar": mean["ar"] / mean[s],
+                "speedup_vs_best_sd": mean[best_sd] / mean[s] if best_sd else None,
+                "ideal_ms_per_token": ideal, "of_ideal": ideal / mean[s] if mean[s] else 0.0,
+                "acceptance": _ratio(sum(r.accepted for r in rs), sum(r.proposed for r in rs)),
+                "tokens_per_step": _ratio(sum(r.tokens for r in rs), sum(r.verify_steps for r in rs)),
+                "rollbacks": sum(r.rollbacks for r in rs),
+                "wasted_draft_tokens": sum(max(0, r.draft_steps - r.accepted) for r in rs if r.draft_steps),
+                "identical": f"{sum(r.identical for r in rs)}/{len(rs)}",
+            })
+        alpha = statistics.mean(_acceptance(p) for p in self.traced.values())
+        workers = self.profiles["workers"]
+        t_d, t_v = workers.draft_ms, workers.verify(1)
+        summary = {
+            "machine": machine(self.cfg), "backend": self.backend, "draft_model": self.cfg.draft_model,
+            "verify_model": self.cfg.verify_model, "dtype": self.cfg.dtype, "trace_compute": self.cfg.trace_compute,
+            "prompts": len(self.prompts), "max_new_tokens": self.max_new, "lookahead": self.lookahead,
+            "best_sd": best_sd, "profiles": {k: asdict(v) for k, v in self.profiles.items()}, "alpha": alpha,
+            "c": t_d / t_v,
+            "bounds": simulate.bounds(alpha, t_d / t_v, t_v, t_d), "table": rows,
+            "differences": [asdict(r) | {"times": None} for r in self.results if not r.identical],
+            "results": [asdict(r) for r in self.results],
+        }
+        (self.out / "results.json").write_text(json.dumps(summary, indent=1))
+        text = format_table(summary)
+        (self.out / "table.md").write_text(text)
+        plot(self.results, strategies, rows, self.out)
+        return summary
+
+
+def _ratio(a, b) -> float:
+    return a / b if b else 0.0
+
+
+def _acceptance(p: TracedPrompt) -> float:
+    return _ratio(sum(d == t for d, t in zip(p.draft, p.target)), len(p.target))
+
+
+async def _through_services(url, ids, max_new, lookahead, policy):
+    from .client import AsyncClient
+
+    async with AsyncClient(url, timeout_s=120) as client:
+        stream = client.stream(prompt_ids=ids, max_new_tokens=max_new, lookahead=lookahead, policy=policy)
+        times = []
+        async for chunk in stream:
+            times += [time.perf_counter()] * len(chunk.token_ids)
+    return stream.result.token_ids, times, stream.result.stats
+
+
+def machine(cfg: c.Config) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    for role, device in (("draft", cfg.draft_device), ("verify", cfg.verify_device)):
+        info[f"{role}_device"] = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+                                  else platform.processor() or "cpu")
+    return info
+
+
+def format_table(summary: dict) -> str:
+    lines = [f"| strategy | ms/token | vs ar | vs {summary['best_sd'] or 'sd'} | ideal ms/token | of ideal | "
+             "acceptance | tokens/step | rollbacks | wasted draft | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["table"]:
+        vs_sd = f"{r['speedup_vs_best_sd']:.2f}x" if r["speedup_vs_best_sd"] else "-"
+        lines.append(f"| {r['strategy']} | {r['ms_per_token']:.2f} | {r['speedup_vs_ar']:.2f}x | {vs_sd} | "
+                     f"{r['ideal_ms_per_token']:.2f} | {r['of_ideal']:.2f} | {r['acceptance']:.2f} | "
+                     f"{r['tokens_per_step']:.2f} | {r['rollbacks']} | {r['wasted_draft_tokens']} | {r['identical']} |")
+    b = summary["bounds"]
+    lines.append("")
+    lines.append(f"alpha (teacher-forced acceptance) {summary['alpha']:.3f}, c = t_d/t_v {summary['c']:.3f}; "
+                 f"bounds vs ar: best sync SD {b['sync_best']:.2f}x (gamma {b['sync_best_gamma']}), "
+                 f"async with enough verifiers {b['async_dsi']:.2f}x, two devices {b['two_device']:.2f}x")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], strategies: list[str], rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = results[0].prompt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for s in strategies:
+        r = next(r for r in results if r.prompt == first and r.strategy == s)
+        ax.step([t * 1000 for t in r.times], range(1, len(r.times) + 1), where="post", label=s)
+    ax.set(xlabel="ms since the first token", ylabel="tokens committed", title=f"token progress, {first}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "progress.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar([r["strategy"] for r in rows], [r["speedup_vs_ar"] for r in rows], label="measured")
+    ax.scatter([r["strategy"] for r in rows], [r["speedup_vs_ar"] / r["of_ideal"] if r["of_ideal"] else 0
+                                               for r in rows], color="black", marker="_", s=400, label="ideal")
+    ax.set(ylabel="speedup vs ar", title="mean ms/token relative to ar")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "speedup.png", dpi=120)
+    plt.close("all")
