@@ -1,8 +1,9 @@
 """`amusd-mq bench`: autoregressive vs synchronous vs asynchronous speculation, against the ideal and bounds.
 
 Per prompt, strategies run back to back so drift hits all alike: `ar` and `sd` (gamma = each of
---gammas) in this process, `async` (our services) and `amusd-policy` (our services with the original's
-verifier: wait for 2 proposals, no lookahead cap) through real sockets. Timing boundary, identical for
+--gammas) in this process; through real sockets, `async` (our services, adaptive verify policy),
+`async-eager` (a verifier that never waits) and `amusd-policy` (the original's verifier: wait for 2
+proposals, no lookahead cap). Timing boundary, identical for
 all: from the commit of the first token to that of the last, per token (prefill excluded). The ideal of
 each run is the discrete-event simulation of its schedule on the same trace and latency profile.
 """
@@ -23,6 +24,7 @@ from . import simulate
 from .trace import LatencyProfile, Trace, TracedPrompt, trace_prompt
 
 AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
+SERVICE_STRATEGIES = {"async": "adaptive", "async-eager": "eager", "amusd-policy": "amusd"}  # -> verify policy
 
 
 @dataclass
@@ -101,8 +103,8 @@ class Bench:
         self.load_models()
         self.out.mkdir(parents=True, exist_ok=True)
         per_prompt = 1 + len(self.gammas) * ("sd" in self.strategies) + sum(
-            s in self.strategies for s in ("async", "amusd-policy"))
-        need_services = any(s in self.strategies for s in ("async", "amusd-policy"))
+            s in self.strategies for s in SERVICE_STRATEGIES)
+        need_services = any(s in self.strategies for s in SERVICE_STRATEGIES)
         with tempfile.TemporaryDirectory(prefix="amusd-bench-") as tmp:
             env = {"AMUSD_COORDINATOR_URL": f"ipc://{tmp}/c", "AMUSD_DRAFT_MODEL": self.cfg.draft_model,
                    "AMUSD_VERIFY_MODEL": self.cfg.verify_model, "AMUSD_DRAFT_DEVICE": self.cfg.draft_device,
@@ -145,9 +147,9 @@ class Bench:
                 runs.append((f"sd-{g}", sd.token_ids, sd.times, sd.verify_steps, sd.draft_steps, sd.proposed,
                              sd.accepted, 0))
                 bar.update(1)
-        for strategy, lookahead, policy in (("async", self.lookahead, "eager"),
-                                            ("amusd-policy", AMUSD_LOOKAHEAD, "amusd")):
+        for strategy, policy in SERVICE_STRATEGIES.items():
             if strategy in self.strategies:
+                lookahead = AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead
                 ids_out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, lookahead, policy))
                 runs.append((strategy, ids_out, times, stats["verify_steps"], stats["draft_steps"], stats["proposed"],
                              stats["accepted"], stats["rollbacks"]))
@@ -177,7 +179,7 @@ class Bench:
         elif r.strategy.startswith("sd-"):
             times = simulate.synchronous(p, lat, int(r.strategy[3:]))
         else:
-            policy = "amusd" if r.strategy == "amusd-policy" else "eager"
+            policy = SERVICE_STRATEGIES[r.strategy]
             times = simulate.asynchronous(p, lat, AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead, policy)
         return simulate.ms_per_token(times)
 
