@@ -1,9 +1,8 @@
 """`amusd-mq bench`: autoregressive vs synchronous vs asynchronous speculation, against the ideal and bounds.
 
 Per prompt, strategies run back to back so drift hits all alike: `ar` and `sd` (gamma = each of
---gammas) in this process; through real sockets, `async` (our services, adaptive verify policy),
-`async-eager` (a verifier that never waits) and `amusd-policy` (the original's verifier: wait for 2
-proposals, no lookahead cap). Timing boundary, identical for
+--gammas) in this process; through real sockets, `async` (our services: the verifier never waits) and
+`amusd-policy` (the original's verifier: wait for 2 proposals, no lookahead cap). Timing boundary, identical for
 all: from the commit of the first token to that of the last, per token (prefill excluded). The ideal of
 each run is the discrete-event simulation of its schedule on the same trace and latency profile.
 """
@@ -24,7 +23,7 @@ from . import simulate
 from .trace import LatencyProfile, Trace, TracedPrompt, trace_prompt
 
 AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
-SERVICE_STRATEGIES = {"async": "adaptive", "async-eager": "eager", "amusd-policy": "amusd"}  # -> verify policy
+SERVICE_STRATEGIES = {"async": "eager", "amusd-policy": "amusd"}  # -> the verifier's policy
 
 
 @dataclass

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     _dataset_flags(bench)
     bench.add_argument("--gammas", default="2,4,6", help="draft lengths for sd, comma-separated")
     bench.add_argument("--strategies", default="ar,sd,async,amusd-policy",
-                       help="any of ar, sd, async, async-eager, amusd-policy")
+                       help="any of ar, sd, async, amusd-policy")
     bench.add_argument("--out", default=None, help="results folder (default bench-results/<date-time>)")
     c.add_flags(bench)
     rec = sub.add_parser("record-trace", help="record the draft/verify decisions of a real pair on a dataset")

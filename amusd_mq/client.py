@@ -147,8 +147,8 @@ class AsyncClient:
         """Committed tokens as they are decided, in order, each exactly once; `.result` once exhausted.
 
         prompt or prompt_ids=[...]; max_new_tokens; stop_token_ids=[]; ignore_eos=False; lookahead=None;
-        deadline_s=None (overall limit for this request); policy="adaptive" (when the verifier waits for
-        proposals; "eager" never waits, "amusd" is the original's wait-for-two, for benchmarks).
+        deadline_s=None (overall limit for this request); policy="eager" ("amusd": the original verifier's
+        wait-for-two policy, for benchmarks).
         """
         result = GenerationResult([], "", "", [])
         return Stream(self._run(prompt, result=result, **kwargs), result)
@@ -156,7 +156,7 @@ class AsyncClient:
     async def _run(self, prompt: str | None, *, result: GenerationResult, max_new_tokens: int,
                    prompt_ids: list[int] | None = None, stop_token_ids=(), ignore_eos: bool = False,
                    lookahead: int | None = None, deadline_s: float | None = None,
-                   policy: str = "adaptive") -> AsyncIterator[Chunk]:
+                   policy: str = "eager") -> AsyncIterator[Chunk]:
         msg = _request(prompt, prompt_ids, max_new_tokens, list(stop_token_ids), ignore_eos, lookahead)
         msg.policy = policy
         queue: asyncio.Queue = asyncio.Queue()

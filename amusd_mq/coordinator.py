@@ -23,7 +23,7 @@ from .transport import Rejects, make_socket, pub_url, recv, send
 
 log = logging.getLogger(__name__)
 MAX_LOOKAHEAD = 64
-POLICIES = ("adaptive", "eager", "amusd")
+POLICIES = ("eager", "amusd")
 
 
 @dataclass

@@ -70,7 +70,7 @@ class Generate(Message):
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     lookahead: int | None = None
-    policy: str = "adaptive"  # when the verifier waits for proposals: adaptive, eager or amusd (see policy.py)
+    policy: str = "eager"  # or "amusd": the original's verifier, waiting for 2 proposals; for benchmarks
 
 
 @message

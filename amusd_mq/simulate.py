@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-from . import policy as wait_policy
 from .trace import LatencyProfile, TracedPrompt
 
 
@@ -37,30 +36,23 @@ def synchronous(p: TracedPrompt, lat: LatencyProfile, gamma: int) -> list[float]
     return times
 
 
-def asynchronous(p: TracedPrompt, lat: LatencyProfile, lookahead: int, policy: str = "adaptive") -> list[float]:
-    """Draft and verifier each on their own device, the verifier taking up to `lookahead` proposals.
-    `eager`: it never waits. `adaptive` (ours): it waits when policy.choose says more proposals pay, knowing
-    the true t_d, t_v and acceptance. `amusd` (the original): it waits for 2 proposals, takes all, no cap."""
+def asynchronous(p: TracedPrompt, lat: LatencyProfile, lookahead: int, policy: str = "eager") -> list[float]:
+    """Draft and verifier each on their own device. `eager` (ours): the verifier never waits and takes up
+    to `lookahead` proposals. `amusd` (the original): it waits for 2 proposals and takes all of them."""
     match, n = _matches(p), len(p.target)
-    alpha = sum(match) / max(1, n)
     cap = n if policy == "amusd" else lookahead
     times: list[float] = []
     c = 0  # committed tokens
     guesses: list[bool] = []  # correctness of the draft's guesses for positions c, c+1, ...
     draft_pos, draft_done, draft_wasted = 0, lat.draft_ms, False  # first step is the prefill
-    verify_done, verify_k, now, last_guess = math.inf, 0, 0.0, 0.0
+    verify_done, verify_k, now = math.inf, 0, 0.0
     first_verify = True
 
     def start_verify():
         nonlocal verify_done, verify_k, first_verify
         room = n - c - 1
         available = len(guesses)
-        wanted = available
-        if draft_done < math.inf and policy == "amusd":
-            wanted = min(2, room)
-        elif draft_done < math.inf and policy == "adaptive":
-            wanted = wait_policy.choose(available, min(cap, room), alpha, lat.draft_ms, lat.verify(1), now - last_guess)
-        if available < wanted:
+        if policy == "amusd" and available < min(2, room) and draft_done < math.inf:
             verify_done = math.inf  # waits for the draft
             return
         verify_k = min(available, cap, room)
@@ -75,7 +67,6 @@ def asynchronous(p: TracedPrompt, lat: LatencyProfile, lookahead: int, policy: s
                 on_path = all(guesses) and draft_pos < n
                 guesses.append(on_path and match[draft_pos])
                 draft_pos += 1
-                last_guess = now
             draft_wasted = False
             idle = draft_pos - c >= cap or draft_pos >= n
             draft_done = math.inf if idle else now + lat.draft_ms
@@ -93,7 +84,7 @@ def asynchronous(p: TracedPrompt, lat: LatencyProfile, lookahead: int, policy: s
             guesses = []
             if draft_done < math.inf:
                 draft_wasted = True  # the step in flight builds on a discarded or overtaken prefix
-            draft_pos, last_guess = c, now
+            draft_pos = c
         else:
             guesses = guesses[committed:]
         was_idle = draft_done == math.inf

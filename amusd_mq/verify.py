@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from . import protocol as p
 from .backend import Session, verify_greedy
 from .config import VERIFY
-from .policy import Estimates, choose
 from .sequence import Sequence
 from .transport import send
 from .worker import Worker
@@ -28,14 +27,12 @@ class VerifyRequest:
     prompt: list[int]
     seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
     lookahead: int
-    policy: str = "adaptive"
+    policy: str = "eager"
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
     epoch: int = -1
     dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
     done: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    last_arrival: float = 0.0
-    capped: bool = True  # the last proposal took the draft to its lookahead cap, where it idles
 
     def release(self) -> None:
         self.done = True
@@ -79,7 +76,6 @@ class VerifyWorker(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handlers[p.Propose] = self.on_propose
-        self.estimates = Estimates()
 
     def register_message(self) -> p.Register:
         msg = super().register_message()
@@ -99,20 +95,13 @@ class VerifyWorker(Worker):
         if any(t >= self.lm.vocab_size for t in msg.token_ids):
             self.rejects.add("invalid_proposal", "proposal with token ids outside the vocabulary")
             return
-        now = time.monotonic()
-        if len(msg.token_ids) == 1 and not r.capped and now - r.last_arrival < 1.0:
-            self.estimates.arrival(now - r.last_arrival)  # one draft step, not a resend or an idle spell
-        r.last_arrival = now
-        r.capped = msg.pos + len(msg.token_ids) - len(r.seq.committed) >= r.lookahead
         r.offer(msg.epoch, msg.pos, msg.token_ids)
 
     async def serve(self, r: VerifyRequest) -> None:
         session = self.lm.session()
         while not r.done and not r.seq.done:
-            draft = await self._proposals(r)
-            started = time.perf_counter()
+            draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
             tokens, accepted = await self.thread.submit(self._step, session, r.prompt + r.seq.committed, draft)
-            self.estimates.step(time.perf_counter() - started, len(draft), accepted)
             if r.done:
                 return
             start = len(r.seq.committed)
@@ -121,22 +110,13 @@ class VerifyWorker(Worker):
             await send(self.dealer, p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
                                               accepted=accepted))
 
-    def _wanted(self, r: VerifyRequest, available: int) -> tuple[int, float]:
-        """How many proposals to wait for under the request's policy, and for at most how long."""
-        if r.policy == "amusd":  # the original: wait until the draft is 2 ahead (bounded here, not forever)
-            return min(2, r.room), self.cfg.heartbeat_expiry_s
-        since_last = time.monotonic() - r.last_arrival
-        est = self.estimates
-        if r.policy == "eager" or not est.draft_alive(since_last):
-            return available, 0.0
-        wanted = choose(available, r.room, est.alpha, est.t_d, est.t_v, since_last)
-        return wanted, 2 * (wanted - available) * est.t_d + 0.002
-
-    async def _proposals(self, r: VerifyRequest) -> list[int]:
+    async def _wait_for_two(self, r: VerifyRequest) -> list[int]:
+        """The original AMUSD verifier waits until the draft is 2 ahead. Kept for comparison only (the
+        benchmark's amusd-policy); unlike the original it gives up after a heartbeat expiry, so a dead draft
+        can't stall it forever."""
         draft = r.take()
-        wanted, patience = self._wanted(r, len(draft))
-        deadline = time.monotonic() + patience
-        while len(draft) < wanted and not r.done:
+        deadline = time.monotonic() + self.cfg.heartbeat_expiry_s
+        while len(draft) < min(2, r.room) and not r.done:
             r.arrived.clear()
             try:
                 await asyncio.wait_for(r.arrived.wait(), deadline - time.monotonic())

@@ -15,7 +15,7 @@ DEVICE=${DEVICE:-cuda:0}
 DTYPE=${DTYPE:-bfloat16}
 OUT=${OUT:-bench-results/gpu-$(date +%Y%m%d-%H%M%S)}
 COMMON=(--backend trace --trace "$TRACE" --prompts "$PROMPTS" --max-new-tokens 128 --dtype "$DTYPE"
-        --draft-device "$DEVICE" --verify-device "$DEVICE" --strategies ar,sd,async,async-eager,amusd-policy)
+        --draft-device "$DEVICE" --verify-device "$DEVICE" --strategies ar,sd,async,amusd-policy)
 python -m amusd_mq bench "${COMMON[@]}" --trace-compute "shape:$SHAPES" --out "$OUT/shared-card"
 python - "$OUT" <<'PY'
 import json, sys
