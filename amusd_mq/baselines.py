@@ -59,5 +59,5 @@ def explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], other_ids: 
         return f"outputs differ in length after {at} equal tokens"
     logits = lm.session().logits(prompt_ids + ar_ids[:at], 1)[0]
     gap = (logits[ar_ids[at]] - logits[other_ids[at]]).item()
-    return (f"first difference at token {at}: the verify model alone scores its choice only {gap:.4f} above the "
-            f"other, a near-tie that {lm.model.dtype} rounding can flip; float32 rules this out")
+    return (f"first difference at token {at}: the verify model's logits for the two candidates differ there by only "
+            f"{abs(gap):.4f}, a near-tie that {lm.model.dtype} rounding can flip; float32 rules this out")

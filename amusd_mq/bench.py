@@ -32,19 +32,18 @@ class Result:
     strategy: str
     tokens: int
     ms_per_token: float
-    ideal_ms_per_token: float
-    verify_steps: int
-    draft_steps: int
-    proposed: int
-    accepted: int
-    rollbacks: int
     identical: bool
+    verify_steps: int = 0
+    draft_steps: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    rollbacks: int = 0
+    verify_busy: float = 1.0  # share of the decode time the verifier spent in forward passes
+    ideal_ms_per_token: float = 0.0
+    ideal_tokens_per_step: float = 0.0
     difference: str = ""
     times: list[float] = field(default_factory=list)  # seconds since the first token, per token
-
-    @property
-    def tokens_per_step(self) -> float:
-        return self.tokens / self.verify_steps if self.verify_steps else 0.0
+    output: list[int] = field(default_factory=list)
 
 
 def calibrate(lm, prompt_ids: list[int], extension: list[int], sizes=(1, 2, 4, 8, 16), repeats=5) -> dict[int, float]:
@@ -127,7 +126,9 @@ class Bench:
         torch.set_num_threads(self.worker_threads())
         self.profiles["workers"] = self._profile()
         for r in self.results:
-            r.ideal_ms_per_token = self._ideal(r)
+            times = self._ideal(r)
+            r.ideal_ms_per_token = simulate.ms_per_token(times)
+            r.ideal_tokens_per_step = len(times) / len(set(times))  # a pass commits all its tokens at once
         return self.report()
 
     def _prompt(self, pid: str, ids: list[int], url: str, bar) -> None:
@@ -135,33 +136,34 @@ class Bench:
 
         eos = self.verify.eos_token_ids
         ar = autoregressive(self.verify, ids, self.max_new, eos)
-        self._add(pid, "ar", ar.token_ids, ar.times, ar.verify_steps, 0, 0, 0, 0, ar.token_ids)
+        self._add(pid, "ar", ar.token_ids, ar.times, ar.token_ids, verify_steps=ar.verify_steps)
         bar.update(1)
         self.traced[pid] = (next(p for p in self.trace.prompts if p.id == pid) if self.trace else
                             trace_prompt(self.draft, pid, ids, ar.token_ids))
-        runs = []
+        added = []
         if "sd" in self.strategies:
             for g in self.gammas:
                 sd = speculative_sync(self.draft, self.verify, ids, self.max_new, eos, g)
-                runs.append((f"sd-{g}", sd.token_ids, sd.times, sd.verify_steps, sd.draft_steps, sd.proposed,
-                             sd.accepted, 0))
+                added.append(self._add(pid, f"sd-{g}", sd.token_ids, sd.times, ar.token_ids,
+                                       verify_steps=sd.verify_steps, draft_steps=sd.draft_steps,
+                                       proposed=sd.proposed, accepted=sd.accepted))
                 bar.update(1)
         for strategy, policy in SERVICE_STRATEGIES.items():
             if strategy in self.strategies:
                 lookahead = AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead
-                ids_out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, lookahead, policy))
-                runs.append((strategy, ids_out, times, stats["verify_steps"], stats["draft_steps"], stats["proposed"],
-                             stats["accepted"], stats["rollbacks"]))
+                out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, lookahead, policy))
+                added.append(self._add(pid, strategy, out, times, ar.token_ids, **{
+                    k: stats[k] for k in ("verify_steps", "draft_steps", "proposed", "accepted", "rollbacks",
+                                          "verify_busy")}))
                 bar.update(1)
-        for name, out_ids, times, *counts in runs:
-            result = self._add(pid, name, out_ids, times, *counts, ar.token_ids)
+        for result in added:
             if not result.identical and hasattr(self.verify, "model"):
-                result.difference = explain_difference(self.verify, ids, ar.token_ids, out_ids)
+                result.difference = explain_difference(self.verify, ids, ar.token_ids, result.output)
 
-    def _add(self, pid, strategy, ids, times, verify_steps, draft_steps, proposed, accepted, rollbacks, ar_ids):
+    def _add(self, pid, strategy, ids, times, ar_ids, **counts) -> Result:
         t0 = times[0] if times else 0.0
-        result = Result(pid, strategy, len(ids), simulate.ms_per_token(times) * 1000, 0.0, verify_steps, draft_steps,
-                        proposed, accepted, rollbacks, ids == ar_ids, times=[t - t0 for t in times])
+        result = Result(pid, strategy, len(ids), simulate.ms_per_token(times) * 1000, ids == ar_ids,
+                        times=[t - t0 for t in times], output=ids, **counts)
         self.results.append(result)
         return result
 
@@ -170,7 +172,7 @@ class Bench:
             return LatencyProfile.load(self.cfg.trace_compute.split(":", 1)[1])
         return profile_of(self.draft, self.verify, next(iter(self.traced.values())))
 
-    def _ideal(self, r: Result) -> float:
+    def _ideal(self, r: Result) -> list[float]:
         p = self.traced[r.prompt]
         lat = self.profiles["here" if r.strategy == "ar" or r.strategy.startswith("sd-") else "workers"]
         if r.strategy == "ar":
@@ -180,7 +182,7 @@ class Bench:
         else:
             policy = SERVICE_STRATEGIES[r.strategy]
             times = simulate.asynchronous(p, lat, AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead, policy)
-        return simulate.ms_per_token(times)
+        return times
 
     def report(self) -> dict:
         strategies = list(dict.fromkeys(r.strategy for r in self.results))
@@ -197,6 +199,8 @@ class Bench:
                 "ideal_ms_per_token": ideal, "of_ideal": ideal / mean[s] if mean[s] else 0.0,
                 "acceptance": _ratio(sum(r.accepted for r in rs), sum(r.proposed for r in rs)),
                 "tokens_per_step": _ratio(sum(r.tokens for r in rs), sum(r.verify_steps for r in rs)),
+                "ideal_tokens_per_step": statistics.mean(r.ideal_tokens_per_step for r in rs),
+                "verify_busy": statistics.mean(r.verify_busy for r in rs),
                 "rollbacks": sum(r.rollbacks for r in rs),
                 "wasted_draft_tokens": sum(max(0, r.draft_steps - r.accepted) for r in rs if r.draft_steps),
                 "identical": f"{sum(r.identical for r in rs)}/{len(rs)}",
@@ -253,13 +257,14 @@ def machine(cfg: c.Config) -> dict:
 
 def format_table(summary: dict) -> str:
     lines = [f"| strategy | ms/token | vs ar | vs {summary['best_sd'] or 'sd'} | ideal ms/token | of ideal | "
-             "acceptance | tokens/step | rollbacks | wasted draft | identical |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "acceptance | tokens/step (ideal) | verifier busy | rollbacks | wasted draft | identical |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["table"]:
         vs_sd = f"{r['speedup_vs_best_sd']:.2f}x" if r["speedup_vs_best_sd"] else "-"
         lines.append(f"| {r['strategy']} | {r['ms_per_token']:.2f} | {r['speedup_vs_ar']:.2f}x | {vs_sd} | "
                      f"{r['ideal_ms_per_token']:.2f} | {r['of_ideal']:.2f} | {r['acceptance']:.2f} | "
-                     f"{r['tokens_per_step']:.2f} | {r['rollbacks']} | {r['wasted_draft_tokens']} | {r['identical']} |")
+                     f"{r['tokens_per_step']:.2f} ({r['ideal_tokens_per_step']:.2f}) | {r['verify_busy']:.2f} | "
+                     f"{r['rollbacks']} | {r['wasted_draft_tokens']} | {r['identical']} |")
     b = summary["bounds"]
     lines.append("")
     lines.append(f"alpha (teacher-forced acceptance) {summary['alpha']:.3f}, c = t_d/t_v {summary['c']:.3f}; "

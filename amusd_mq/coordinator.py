@@ -281,7 +281,7 @@ class Coordinator:
         if any(t >= self.workers[identity].info.vocab_size for t in msg.token_ids) or msg.accepted > msg.proposed:
             await self._reject(identity, "invalid_verdict", "verdict with out-of-range values", msg.req_id)
             return
-        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted)
+        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, msg.step_ms / 1000)
         if applied is None:
             self.rejects.add("stale", f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
             return

@@ -193,6 +193,7 @@ class Verdict(Message):
     token_ids: list[int]
     proposed: int
     accepted: int
+    step_ms: float = 0.0  # the forward pass's own time, so the coordinator can report verifier utilisation
 
 
 @message

@@ -19,6 +19,7 @@ class Stats:
     draft_tokens: int = 0  # draft tokens that reached the coordinator
     stale: int = 0  # of those, dropped for an old epoch
     rollbacks: int = 0
+    verify_busy_s: float = 0.0  # time in verify forward passes after the first token
 
 
 @dataclass
@@ -67,7 +68,8 @@ class Sequence:
         self.stats.rollbacks += 1
         return pos, [], True
 
-    def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int) -> tuple[list[int], bool] | None:
+    def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int,
+                step_s: float = 0.0) -> tuple[list[int], bool] | None:
         """Apply a verdict. Returns (tokens committed, rollback?), or None for a stale or duplicate one."""
         if self.done or start != len(self.committed) or not tokens:
             return None
@@ -78,6 +80,8 @@ class Sequence:
         now = time.monotonic()
         if self.first_token is None:
             self.first_token = now
+        else:
+            self.stats.verify_busy_s += step_s
         self.committed.extend(tokens)
         overlap = min(len(tokens), len(self.pending))
         rollback = self.pending[:overlap] != tokens[:overlap]
@@ -125,4 +129,5 @@ class Sequence:
             "queue_s": start - self.created, "ttft_s": (self.first_token or end) - start, "elapsed_s": elapsed,
             "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
             "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            "verify_busy": s.verify_busy_s / decode_s if decode_s > 0 else 0.0,
         }

@@ -101,14 +101,15 @@ class VerifyWorker(Worker):
         session = self.lm.session()
         while not r.done and not r.seq.done:
             draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
-            tokens, accepted = await self.thread.submit(self._step, session, r.prompt + r.seq.committed, draft)
+            tokens, accepted, step_ms = await self.thread.submit(self._step, session, r.prompt + r.seq.committed,
+                                                                 draft)
             if r.done:
                 return
             start = len(r.seq.committed)
             tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
             r.settle(start, tokens)
             await send(self.dealer, p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
-                                              accepted=accepted))
+                                              accepted=accepted, step_ms=step_ms))
 
     async def _wait_for_two(self, r: VerifyRequest) -> list[int]:
         """The original AMUSD verifier waits until the draft is 2 ahead. Kept for comparison only (the
@@ -125,8 +126,9 @@ class VerifyWorker(Worker):
             draft = r.take()
         return draft
 
-    def _step(self, session: Session, seq: list[int], draft: list[int]) -> tuple[list[int], int]:
-        result = verify_greedy(session, seq, draft)
+    def _step(self, session: Session, seq: list[int], draft: list[int]) -> tuple[list[int], int, float]:
+        start = time.perf_counter()
+        tokens, accepted = verify_greedy(session, seq, draft)
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)
-        return result
+        return tokens, accepted, (time.perf_counter() - start) * 1000

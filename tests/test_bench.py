@@ -1,0 +1,30 @@
+"""The benchmark runs end to end and writes what it promises (its numbers are not asserted: not a timed test)."""
+import json
+
+from amusd_mq import config
+from amusd_mq.backend import CausalLM
+from amusd_mq.bench import Bench, format_table
+from amusd_mq.trace import record
+from conftest import PROMPTS
+
+
+def test_bench_writes_table_json_and_plots(tiny_cache, tmp_path):
+    draft, verify = (CausalLM(n, "cpu", "float32", tiny_cache) for n in ("tiny-draft", "tiny-verify"))
+    prompts = [(f"p{i}", verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:2])]
+    trace = record(draft, verify, prompts, 16, "float32")
+    trace.save(tmp_path / "trace.json")
+    (tmp_path / "profile.json").write_text(json.dumps({"draft_ms": 0.5, "verify_ms": {"1": 3, "8": 4}}))
+    spec = f"trace:{tmp_path / 'trace.json'}"
+    cfg = config.load(env={"AMUSD_DRAFT_MODEL": spec, "AMUSD_VERIFY_MODEL": spec, "AMUSD_CACHE_DIR": tiny_cache,
+                           "AMUSD_TRACE_COMPUTE": f"latency:{tmp_path / 'profile.json'}", "AMUSD_THREADS": "1"})
+    summary = Bench(cfg, "trace", None, trace, 16, [2, 3], 4, ["ar", "sd", "async", "amusd-policy"],
+                    tmp_path / "out").run()
+    assert [r["strategy"] for r in summary["table"]] == ["ar", "sd-2", "sd-3", "async", "amusd-policy"]
+    assert all(r["identical"] == "2/2" for r in summary["table"])
+    assert summary["best_sd"] in ("sd-2", "sd-3") and summary["alpha"] == trace.acceptance()
+    for name in ("results.json", "table.md", "progress.png", "speedup.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["results"]) == 2 * 5 and saved["machine"]["cpus"] >= 1
+    assert all(r["ideal_ms_per_token"] > 0 for r in saved["results"])
+    assert "| async |" in format_table(summary)
