@@ -32,7 +32,8 @@ ALL = (COORDINATOR, DRAFT, VERIFY, CLIENT)
 SETTINGS = (
     Setting("coordinator_url", "tcp://127.0.0.1:5550",
             "The coordinator's ROUTER address; its PUB socket is on the next port (ipc: path + '.pub').", ALL),
-    Setting("draft_model", "qwen2.5-coder-0.5b-instruct", "Draft model: alias, local directory or HF hub id.", (DRAFT,)),
+    Setting("draft_model", "qwen2.5-coder-0.5b-instruct", "Draft model: alias, local directory or HF hub id.",
+            (DRAFT,)),
     Setting("verify_model", "qwen2.5-coder-1.5b-instruct", "Verify model: alias, local directory or HF hub id.",
             (VERIFY,)),
     Setting("draft_device", "cpu", "Torch device of the draft model (cpu, cuda:N).", (DRAFT,)),

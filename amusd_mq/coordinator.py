@@ -184,12 +184,14 @@ class Coordinator:
             raise RequestError("invalid_request", "the prompt is empty")
         bad = [t for t in ids + msg.stop_token_ids if t >= info.vocab_size]
         if bad:
-            raise RequestError("invalid_request", f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
+            raise RequestError("invalid_request",
+                               f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
         if msg.max_new_tokens < 1:
             raise RequestError("invalid_request", "max_new_tokens must be at least 1")
         if len(ids) + msg.max_new_tokens > info.max_context:
-            raise RequestError("invalid_request", f"prompt of {len(ids)} tokens plus max_new_tokens={msg.max_new_tokens} "
-                                                  f"exceeds the model context of {info.max_context}")
+            raise RequestError("invalid_request", f"prompt of {len(ids)} tokens plus max_new_tokens="
+                                                  f"{msg.max_new_tokens} exceeds the model context of "
+                                                  f"{info.max_context}")
         lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
         if not 1 <= lookahead <= MAX_LOOKAHEAD:
             raise RequestError("invalid_request", f"lookahead must be in [1, {MAX_LOOKAHEAD}], not {lookahead}")
@@ -265,7 +267,8 @@ class Coordinator:
         if req is None:
             return
         if req.verifier is not None and any(t >= self.workers[req.verifier].info.vocab_size for t in msg.token_ids):
-            await self._reject(identity, "invalid_proposal", "proposal with token ids outside the vocabulary", msg.req_id)
+            await self._reject(identity, "invalid_proposal", "proposal with token ids outside the vocabulary",
+                               msg.req_id)
             return
         start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids)
         if fresh and req.verifier is not None:

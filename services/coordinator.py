@@ -1,4 +1,4 @@
-"""python -m services.coordinator: the coordinator service (flags and AMUSD_* variables as in `amusd-mq coordinator --help`)."""
+"""python -m services.coordinator: the coordinator. Flags and AMUSD_* variables: `amusd-mq coordinator --help`."""
 import sys
 
 from amusd_mq.cli import main

@@ -1,4 +1,4 @@
-"""python -m services.draft: the draft service (flags and AMUSD_* variables as in `amusd-mq draft --help`)."""
+"""python -m services.draft: the draft service. Flags and AMUSD_* variables: `amusd-mq draft --help`."""
 import sys
 
 from amusd_mq.cli import main

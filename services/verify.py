@@ -1,4 +1,4 @@
-"""python -m services.verify: the verify service (flags and AMUSD_* variables as in `amusd-mq verify --help`)."""
+"""python -m services.verify: the verify service. Flags and AMUSD_* variables: `amusd-mq verify --help`."""
 import sys
 
 from amusd_mq.cli import main

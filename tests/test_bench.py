@@ -1,11 +1,12 @@
 """The benchmark runs end to end and writes what it promises (its numbers are not asserted: not a timed test)."""
 import json
 
+from conftest import PROMPTS
+
 from amusd_mq import config
 from amusd_mq.backend import CausalLM
 from amusd_mq.bench import Bench, format_table
 from amusd_mq.trace import record
-from conftest import PROMPTS
 
 
 def test_bench_writes_table_json_and_plots(tiny_cache, tmp_path):

@@ -27,7 +27,8 @@ def test_asynchronous_eager_with_a_right_draft():
 
 
 def test_asynchronous_eager_recovers_from_a_wrong_guess():
-    assert simulate.asynchronous(prompt([True, False, True, True]), LAT, lookahead=4, policy="eager") == [10, 20, 30, 40]
+    times = simulate.asynchronous(prompt([True, False, True, True]), LAT, lookahead=4, policy="eager")
+    assert times == [10, 20, 30, 40]
 
 
 def test_amusd_policy_waits_for_two_proposals():

@@ -2,12 +2,12 @@
 import json
 
 import pytest
+from conftest import PROMPTS
 
 from amusd_mq import AsyncClient
 from amusd_mq.backend import CausalLM
 from amusd_mq.baselines import autoregressive, speculative_sync
 from amusd_mq.trace import LatencyProfile, Trace, TraceLM, record
-from conftest import PROMPTS
 
 
 @pytest.fixture(scope="module")

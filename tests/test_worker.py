@@ -8,7 +8,8 @@ import pytest_asyncio
 import zmq
 import zmq.asyncio
 
-from amusd_mq import config, protocol as p
+from amusd_mq import config
+from amusd_mq import protocol as p
 from amusd_mq.backend import CausalLM, ModelThread
 from amusd_mq.draft import DraftWorker
 from amusd_mq.transport import pub_url
