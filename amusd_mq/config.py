@@ -45,6 +45,8 @@ SETTINGS = (
     Setting("heartbeat_s", 1.0, "Heartbeat interval between the coordinator and workers, in seconds.", ALL),
     Setting("liveness", 5, "Heartbeats missed before a peer is declared dead.", ALL),
     Setting("max_message_bytes", 16 << 20, "Largest frame any socket accepts; larger ones are rejected.", ALL),
+    Setting("failover_s", 10.0, "How long a request whose verifier was lost waits for another one to resume it "
+            "before it fails, carrying its committed tokens.", (COORDINATOR,)),
     Setting("timeout_s", 60.0, "Client: seconds of silence from the coordinator before a request fails.",
             (CLIENT,)),
     Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", WORKERS),
@@ -72,6 +74,7 @@ class Config:
     heartbeat_s: float
     liveness: int
     max_message_bytes: int
+    failover_s: float
     timeout_s: float
     cache_dir: str
     log_level: str
@@ -84,8 +87,8 @@ class Config:
         checks = {
             "lookahead": self.lookahead >= 1, "threads": self.threads >= 0, "heartbeat_s": self.heartbeat_s > 0,
             "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
-            "timeout_s": self.timeout_s > 0, "draft_delay_ms": self.draft_delay_ms >= 0,
-            "verify_delay_ms": self.verify_delay_ms >= 0,
+            "timeout_s": self.timeout_s > 0, "failover_s": self.failover_s >= 0,
+            "draft_delay_ms": self.draft_delay_ms >= 0, "verify_delay_ms": self.verify_delay_ms >= 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -45,6 +45,7 @@ class Request:
     detok: Detokenizer
     verifier: bytes | None = None
     draft: bytes | None = None
+    orphaned: float | None = None  # when its verifier was lost, until another takes over
 
 
 class RequestError(Exception):
@@ -119,6 +120,10 @@ class Coordinator:
                     await self._drop_worker(w, "missed heartbeats")
                 else:
                     await send(self.router, p.Heartbeat(), w.identity)
+            for req in list(self.requests.values()):
+                if req.orphaned is not None and now - req.orphaned > self.cfg.failover_s:
+                    await self._fail(req, "worker_lost", f"its verify worker was lost and no other took over "
+                                                         f"within {self.cfg.failover_s:g}s")
 
     async def _reject(self, identity: bytes | None, kind: str, detail: str, req_id: str | None = None) -> None:
         self.rejects.add(kind, detail)
@@ -311,8 +316,13 @@ class Coordinator:
                 continue
             req.verifier = free_verifiers.pop(0).identity
             self.workers[req.verifier].request = req.rid
-            req.seq.started = time.monotonic()
             await self._assign(req, req.verifier)
+            if req.orphaned is None:
+                req.seq.started = time.monotonic()
+            else:  # resuming: the draft must send its standing guesses again, to the new verifier
+                req.orphaned = None
+                req.seq.resync()
+                await self._commit(req, len(req.seq.committed), [])
         for req in self.requests.values():  # a free draft joins any request running without one
             if req.verifier is not None and req.draft is None:
                 draft = next((w for w in self._drafts() if w.request is None), None)
@@ -351,6 +361,8 @@ class Coordinator:
         await self._forget(req)
 
     async def _forget(self, req: Request) -> None:
+        if req.rid in self.queue:
+            self.queue.remove(req.rid)
         await self._release(req)
         self.requests.pop(req.rid, None)
         self.by_client.pop((req.client, req.client_req_id), None)
@@ -368,6 +380,7 @@ class Coordinator:
             return
         if w.info.role == DRAFT:  # the verifier carries on alone; a spare draft may join
             req.draft = None
-            await self._schedule()
-        else:
-            await self._fail(req, "worker_lost", f"the verify worker serving this request was lost ({why})")
+        else:  # the next free verifier resumes it from the committed tokens
+            req.verifier, req.orphaned = None, time.monotonic()
+            self.queue.appendleft(req.rid)
+        await self._schedule()

@@ -62,6 +62,11 @@ class Sequence:
         self.pending.extend(fresh)
         return end, fresh, False
 
+    def resync(self) -> None:
+        """A new verifier joins: what was forwarded to the old one must be proposed again, under a new epoch."""
+        self.epoch += 1
+        self.pending.clear()
+
     def _rollback(self, pos: int) -> tuple[int, list[int], bool]:
         self.epoch += 1
         self.pending.clear()
