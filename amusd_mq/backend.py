@@ -119,11 +119,13 @@ class ModelThread:
         while True:
             loop, future, fn, args = self._jobs.get()
             try:
-                result = fn(*args)
+                outcome = (fn(*args), None)
             except BaseException as exc:  # delivered to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                outcome = (None, exc)
+            try:
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+            except RuntimeError:  # the loop closed while this ran: nobody is waiting for the result
+                pass
 
     def submit(self, fn, *args) -> asyncio.Future:
         loop = asyncio.get_running_loop()
