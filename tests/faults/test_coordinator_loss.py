@@ -2,9 +2,9 @@
 import time
 
 import pytest
+from test_verifier_loss import MAX_NEW, PROMPT, first_chunk_then
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError
-from test_verifier_loss import MAX_NEW, PROMPT, first_chunk_then
 
 pytestmark = pytest.mark.asyncio
 
