@@ -89,14 +89,11 @@ class Bench:
         self.draft = load(c.DRAFT, self.cfg.draft_model, self.cfg.draft_device)
         self.verify = load(c.VERIFY, self.cfg.verify_model, self.cfg.verify_device)
 
-    def worker_threads(self) -> int:
-        return self.cfg.threads or max(1, (os.cpu_count() or 2) // 2)
-
     def run(self) -> dict:
         import torch
         from tqdm import tqdm
 
-        from .launch import Deployment
+        from .launch import Deployment, service_env, worker_threads
 
         self.load_models()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -104,11 +101,7 @@ class Bench:
             s in self.strategies for s in SERVICE_STRATEGIES)
         need_services = any(s in self.strategies for s in SERVICE_STRATEGIES)
         with tempfile.TemporaryDirectory(prefix="amusd-bench-") as tmp:
-            env = {"AMUSD_COORDINATOR_URL": f"ipc://{tmp}/c", "AMUSD_DRAFT_MODEL": self.cfg.draft_model,
-                   "AMUSD_VERIFY_MODEL": self.cfg.verify_model, "AMUSD_DRAFT_DEVICE": self.cfg.draft_device,
-                   "AMUSD_VERIFY_DEVICE": self.cfg.verify_device, "AMUSD_DTYPE": self.cfg.dtype,
-                   "AMUSD_THREADS": str(self.worker_threads()), "AMUSD_CACHE_DIR": self.cfg.cache_dir,
-                   "AMUSD_TRACE_COMPUTE": self.cfg.trace_compute, "AMUSD_LOG_LEVEL": "WARNING"}
+            env = {**service_env(self.cfg, f"ipc://{tmp}/c"), "AMUSD_LOG_LEVEL": "WARNING"}
             deployment = Deployment(env, self.out / "logs", roles=() if not need_services else
                                     (c.COORDINATOR, c.VERIFY, c.DRAFT))
             try:
@@ -123,7 +116,7 @@ class Bench:
         # The ideal of each run uses step times measured on the resources it ran on: all threads in this
         # process for ar and sd, the workers' share for the services.
         self.profiles = {"here": self._profile()}
-        torch.set_num_threads(self.worker_threads())
+        torch.set_num_threads(worker_threads(self.cfg))
         self.profiles["workers"] = self._profile()
         for r in self.results:
             times = self._ideal(r)
@@ -150,8 +143,8 @@ class Bench:
                 bar.update(1)
         for strategy, policy in SERVICE_STRATEGIES.items():
             if strategy in self.strategies:
-                lookahead = AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead
-                out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, lookahead, policy))
+                out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, self._lookahead(policy),
+                                                                  policy))
                 added.append(self._add(pid, strategy, out, times, ar.token_ids, **{
                     k: stats[k] for k in ("verify_steps", "draft_steps", "proposed", "accepted", "rollbacks",
                                           "verify_busy")}))
@@ -167,6 +160,9 @@ class Bench:
         self.results.append(result)
         return result
 
+    def _lookahead(self, policy: str) -> int:
+        return AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead
+
     def _profile(self) -> LatencyProfile:
         if self.cfg.trace_compute.startswith("latency:") and self.backend == "trace":
             return LatencyProfile.load(self.cfg.trace_compute.split(":", 1)[1])
@@ -181,7 +177,7 @@ class Bench:
             times = simulate.synchronous(p, lat, int(r.strategy[3:]))
         else:
             policy = SERVICE_STRATEGIES[r.strategy]
-            times = simulate.asynchronous(p, lat, AMUSD_LOOKAHEAD if policy == "amusd" else self.lookahead, policy)
+            times = simulate.asynchronous(p, lat, self._lookahead(policy), policy)
         return times
 
     def report(self) -> dict:
@@ -205,7 +201,7 @@ class Bench:
                 "wasted_draft_tokens": sum(max(0, r.draft_steps - r.accepted) for r in rs if r.draft_steps),
                 "identical": f"{sum(r.identical for r in rs)}/{len(rs)}",
             })
-        alpha = statistics.mean(_acceptance(p) for p in self.traced.values())
+        alpha = statistics.mean(p.acceptance() for p in self.traced.values())
         workers = self.profiles["workers"]
         t_d, t_v = workers.draft_ms, workers.verify(1)
         summary = {
@@ -227,10 +223,6 @@ class Bench:
 
 def _ratio(a, b) -> float:
     return a / b if b else 0.0
-
-
-def _acceptance(p: TracedPrompt) -> float:
-    return _ratio(sum(d == t for d, t in zip(p.draft, p.target)), len(p.target))
 
 
 async def _through_services(url, ids, max_new, lookahead, policy):

@@ -208,21 +208,17 @@ def print_stats(finish_reason: str, stats: dict) -> None:
 def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     """Bring up coordinator, verify and draft as child processes, generate, compare, tear down."""
     from . import models
-    from .launch import Deployment, ServiceExited
+    from .launch import Deployment, ServiceExited, service_env, worker_threads
 
     print(f"draft  model: {cfg.draft_model} on {cfg.draft_device}")
     print(f"verify model: {cfg.verify_model} on {cfg.verify_device}")
     for name in (cfg.draft_model, cfg.verify_model):
         models.resolve(name, cfg.cache_dir)  # download and convert here, with progress bars, before the services
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so the finally below stops the children
-    threads = cfg.threads or max(1, (os.cpu_count() or 2) // 2)  # two CPU workers share the cores
+    threads = worker_threads(cfg)
     with tempfile.TemporaryDirectory(prefix="amusd-demo-") as tmp:
         url = f"ipc://{tmp}/coordinator"
-        env = {"AMUSD_COORDINATOR_URL": url, "AMUSD_DRAFT_MODEL": cfg.draft_model,
-               "AMUSD_VERIFY_MODEL": cfg.verify_model, "AMUSD_DRAFT_DEVICE": cfg.draft_device,
-               "AMUSD_VERIFY_DEVICE": cfg.verify_device, "AMUSD_DTYPE": cfg.dtype,
-               "AMUSD_LOOKAHEAD": str(cfg.lookahead), "AMUSD_THREADS": str(threads), "AMUSD_CACHE_DIR": cfg.cache_dir}
-        deployment = Deployment(env, log_dir=f"{tmp}/logs")
+        deployment = Deployment(service_env(cfg, url), log_dir=f"{tmp}/logs")
         try:
             print("starting coordinator, verify and draft services ...", flush=True)
             _run(deployment.wait_ready())

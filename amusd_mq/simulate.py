@@ -12,10 +12,6 @@ import math
 from .trace import LatencyProfile, TracedPrompt
 
 
-def _matches(p: TracedPrompt) -> list[bool]:
-    return [d == t for d, t in zip(p.draft, p.target)]
-
-
 def autoregressive(p: TracedPrompt, lat: LatencyProfile) -> list[float]:
     times, now = [], 0.0
     for i in range(len(p.target)):
@@ -25,7 +21,7 @@ def autoregressive(p: TracedPrompt, lat: LatencyProfile) -> list[float]:
 
 
 def synchronous(p: TracedPrompt, lat: LatencyProfile, gamma: int) -> list[float]:
-    match, n = _matches(p), len(p.target)
+    match, n = p.matches(), len(p.target)
     times, now, c = [], 0.0, 0
     while c < n:
         k = min(gamma, n - c - 1)
@@ -39,7 +35,7 @@ def synchronous(p: TracedPrompt, lat: LatencyProfile, gamma: int) -> list[float]
 def asynchronous(p: TracedPrompt, lat: LatencyProfile, lookahead: int, policy: str = "eager") -> list[float]:
     """Draft and verifier each on their own device. `eager` (ours): the verifier never waits and takes up
     to `lookahead` proposals. `amusd` (the original): it waits for 2 proposals and takes all of them."""
-    match, n = _matches(p), len(p.target)
+    match, n = p.matches(), len(p.target)
     cap = n if policy == "amusd" else lookahead
     times: list[float] = []
     c = 0  # committed tokens

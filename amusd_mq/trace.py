@@ -29,6 +29,13 @@ class TracedPrompt:
     target: list[int]  # the verify model's greedy output
     draft: list[int]  # draft[i]: the draft's greedy guess for target[i] given prompt + target[:i]
 
+    def matches(self) -> list[bool]:
+        """Whether each teacher-forced guess is the verify model's token."""
+        return [d == t for d, t in zip(self.draft, self.target)]
+
+    def acceptance(self) -> float:
+        return sum(self.matches()) / max(1, len(self.target))
+
 
 @dataclass
 class Trace:
@@ -51,8 +58,7 @@ class Trace:
 
     def acceptance(self) -> float:
         """Fraction of positions where the draft's teacher-forced guess is the verify model's token."""
-        pairs = [(d, t) for p in self.prompts for d, t in zip(p.draft, p.target)]
-        return sum(d == t for d, t in pairs) / max(1, len(pairs))
+        return sum(sum(p.matches()) for p in self.prompts) / max(1, sum(len(p.target) for p in self.prompts))
 
 
 def trace_prompt(draft_lm, pid: str, prompt_ids: list[int], target: list[int]) -> TracedPrompt:
