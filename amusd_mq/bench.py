@@ -24,6 +24,7 @@ from .trace import LatencyProfile, Trace, TracedPrompt, trace_prompt
 
 AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
 SERVICE_STRATEGIES = {"async": "eager", "amusd-policy": "amusd"}  # -> the verifier's policy
+TIMINGS = ("verify_step_ms", "verify_gap_ms", "draft_step_ms", "restart_ms")
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Result:
     accepted: int = 0
     rollbacks: int = 0
     verify_busy: float = 1.0  # share of the decode time the verifier spent in forward passes
+    verify_step_ms: float = 0.0  # the rest: services only, timed by the coordinator (Sequence.summary)
+    verify_gap_ms: float = 0.0
+    draft_step_ms: float = 0.0
+    restart_ms: float = 0.0
     ideal_ms_per_token: float = 0.0
     ideal_tokens_per_step: float = 0.0
     difference: str = ""
@@ -76,6 +81,7 @@ class Bench:
         self.trace = trace
         self.prompts = prompts or [(p.id, p.prompt_ids) for p in trace.prompts]
         self.results: list[Result] = []
+        self.overheads: dict[str, float] = {}
         self.traced: dict[str, TracedPrompt] = {}
 
     def load_models(self):
@@ -107,6 +113,8 @@ class Bench:
             try:
                 if need_services:
                     asyncio.run(deployment.wait_ready())
+                    self.overheads = asyncio.run(measure_overheads(env["AMUSD_COORDINATOR_URL"],
+                                                                   self.cfg.max_message_bytes))
                 bar = tqdm(total=len(self.prompts) * per_prompt, desc="bench", unit="run")
                 for pid, ids in self.prompts:
                     self._prompt(pid, ids, env["AMUSD_COORDINATOR_URL"], bar)
@@ -147,7 +155,7 @@ class Bench:
                                                                   policy))
                 added.append(self._add(pid, strategy, out, times, ar.token_ids, **{
                     k: stats[k] for k in ("verify_steps", "draft_steps", "proposed", "accepted", "rollbacks",
-                                          "verify_busy")}))
+                                          "verify_busy", *TIMINGS)}))
                 bar.update(1)
         for result in added:
             if not result.identical and hasattr(self.verify, "model"):
@@ -200,6 +208,9 @@ class Bench:
                 "rollbacks": sum(r.rollbacks for r in rs),
                 "wasted_draft_tokens": sum(max(0, r.draft_steps - r.accepted) for r in rs if r.draft_steps),
                 "identical": f"{sum(r.identical for r in rs)}/{len(rs)}",
+                **{k: statistics.mean(getattr(r, k) for r in rs) for k in TIMINGS},
+                "profile_verify_step_ms": self.profiles["workers"].verify(
+                    1 + _ratio(sum(r.proposed for r in rs), sum(r.verify_steps for r in rs))),
             })
         alpha = statistics.mean(p.acceptance() for p in self.traced.values())
         workers = self.profiles["workers"]
@@ -209,8 +220,8 @@ class Bench:
             "verify_model": self.cfg.verify_model, "dtype": self.cfg.dtype, "trace_compute": self.cfg.trace_compute,
             "prompts": len(self.prompts), "max_new_tokens": self.max_new, "lookahead": self.lookahead,
             "best_sd": best_sd, "profiles": {k: asdict(v) for k, v in self.profiles.items()}, "alpha": alpha,
-            "c": t_d / t_v,
-            "bounds": simulate.bounds(alpha, t_d / t_v, t_v, t_d), "table": rows,
+            "c": t_d / t_v, "t_d_ms": t_d, "t_v_ms": t_v,
+            "bounds": simulate.bounds(alpha, t_d / t_v, t_v, t_d), "table": rows, "overheads": self.overheads,
             "differences": [asdict(r) | {"times": None} for r in self.results if not r.identical],
             "results": [asdict(r) for r in self.results],
         }
@@ -223,6 +234,39 @@ class Bench:
 
 def _ratio(a, b) -> float:
     return a / b if b else 0.0
+
+
+async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str, float]:
+    """The messaging's unit costs on this deployment: one hop (half a ping round trip through the coordinator's
+    event loop, idle) and msgpack encode+decode with validation of a typical proposal, verdict and commit."""
+    import zmq
+    import zmq.asyncio
+
+    from . import protocol as p
+    from .transport import make_socket, recv, send
+
+    ctx = zmq.asyncio.Context()
+    sock = make_socket(ctx, zmq.DEALER, max_bytes)
+    sock.connect(url)
+    try:
+        rtts = []
+        for _ in range(n):
+            start = time.perf_counter()
+            await send(sock, p.Ping())
+            await recv(sock, max_bytes, routed=False)
+            rtts.append(time.perf_counter() - start)
+    finally:
+        sock.close()
+        ctx.term()
+    typical = [p.Propose(req_id="0" * 32, epoch=3, pos=100, token_ids=[1234]),
+               p.Verdict(req_id="0" * 32, start=100, token_ids=[1, 2, 3], proposed=3, accepted=2, step_ms=10.0),
+               p.Commit(seq=1000, req_id="0" * 32, epoch=3, start=100, token_ids=[1, 2, 3], done=False)]
+    start = time.perf_counter()
+    for _ in range(n):
+        for msg in typical:
+            p.decode(p.encode(msg), max_bytes)
+    return {"hop_ms": statistics.median(rtts) / 2 * 1000,
+            "codec_us": (time.perf_counter() - start) / (n * len(typical)) * 1e6}
 
 
 async def _through_services(url, ids, max_new, lookahead, policy):
@@ -262,6 +306,17 @@ def format_table(summary: dict) -> str:
     lines.append(f"alpha (teacher-forced acceptance) {summary['alpha']:.3f}, c = t_d/t_v {summary['c']:.3f}; "
                  f"bounds vs ar: best sync SD {b['sync_best']:.2f}x (gamma {b['sync_best_gamma']}), "
                  f"async with enough verifiers {b['async_dsi']:.2f}x, two devices {b['two_device']:.2f}x")
+    services = [r for r in summary["table"] if r["strategy"] in SERVICE_STRATEGIES]
+    if services:
+        o = summary["overheads"]
+        lines += ["", f"Where the services' time goes (mean per event, on the coordinator's clock; profile: "
+                      f"t_d {summary['t_d_ms']:.2f} ms, t_v(1) {summary['t_v_ms']:.2f} ms; one hop "
+                      f"{o['hop_ms']:.3f} ms, encode+decode {o['codec_us']:.1f} us per message):", "",
+                  "| strategy | verify pass ms (profile) | verifier turnaround ms | draft step ms | "
+                  "restart after rollback ms |", "|---|---|---|---|---|"]
+        lines += [f"| {r['strategy']} | {r['verify_step_ms']:.2f} ({r['profile_verify_step_ms']:.2f}) | "
+                  f"{r['verify_gap_ms']:.2f} | "
+                  f"{r['draft_step_ms']:.2f} | {r['restart_ms']:.2f} |" for r in services]
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,12 @@ class Stats:
     stale: int = 0  # of those, dropped for an old epoch
     rollbacks: int = 0
     verify_busy_s: float = 0.0  # time in verify forward passes after the first token
+    # Where the decode time goes, on the coordinator's one clock (bench reports these against the ideal):
+    verify_gaps_s: float = 0.0  # between consecutive verdicts, beyond the forward pass: the verifier's turnaround
+    draft_intervals: int = 0
+    draft_interval_s: float = 0.0  # between consecutive proposed tokens of one epoch: the draft's effective step
+    restarts: int = 0
+    restart_s: float = 0.0  # from a rollback to the first proposal of the new epoch
 
 
 @dataclass
@@ -36,6 +42,9 @@ class Sequence:
     started: float | None = None
     first_token: float | None = None
     finished: float | None = None
+    last_verdict: float | None = None
+    last_proposal: tuple[int, float] | None = None  # (epoch, arrival) of the latest live proposal
+    rolled_back: float | None = None
 
     @property
     def done(self) -> bool:
@@ -47,6 +56,7 @@ class Sequence:
         if self.done or epoch != self.epoch:
             self.stats.stale += len(tokens)
             return pos, [], False
+        self._time_proposal(epoch, len(tokens))
         n = len(self.committed)
         end = n + len(self.pending)
         known = self.committed + self.pending
@@ -62,6 +72,17 @@ class Sequence:
         self.pending.extend(fresh)
         return end, fresh, False
 
+    def _time_proposal(self, epoch: int, n: int) -> None:
+        now = time.monotonic()
+        if self.rolled_back is not None:
+            self.stats.restarts += 1
+            self.stats.restart_s += now - self.rolled_back
+            self.rolled_back = None
+        elif self.last_proposal is not None and self.last_proposal[0] == epoch:
+            self.stats.draft_intervals += n
+            self.stats.draft_interval_s += now - self.last_proposal[1]
+        self.last_proposal = (epoch, now)
+
     def resync(self) -> None:
         """A new verifier joins: what was forwarded to the old one must be proposed again, under a new epoch."""
         self.epoch += 1
@@ -71,6 +92,7 @@ class Sequence:
         self.epoch += 1
         self.pending.clear()
         self.stats.rollbacks += 1
+        self.rolled_back = time.monotonic()
         return pos, [], True
 
     def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int,
@@ -87,6 +109,8 @@ class Sequence:
             self.first_token = now
         else:
             self.stats.verify_busy_s += step_s
+            self.stats.verify_gaps_s += max(0.0, now - self.last_verdict - step_s)
+        self.last_verdict = now
         self.committed.extend(tokens)
         overlap = min(len(tokens), len(self.pending))
         rollback = self.pending[:overlap] != tokens[:overlap]
@@ -94,6 +118,7 @@ class Sequence:
             self.epoch += 1
             self.pending.clear()
             self.stats.rollbacks += 1
+            self.rolled_back = now
         else:
             del self.pending[:overlap]
         if self.done:
@@ -135,4 +160,12 @@ class Sequence:
             "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
             "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             "verify_busy": s.verify_busy_s / decode_s if decode_s > 0 else 0.0,
+            "verify_step_ms": _mean_ms(s.verify_busy_s, s.verify_steps - 1),
+            "verify_gap_ms": _mean_ms(s.verify_gaps_s, s.verify_steps - 1),
+            "draft_step_ms": _mean_ms(s.draft_interval_s, s.draft_intervals),
+            "restart_ms": _mean_ms(s.restart_s, s.restarts),
         }
+
+
+def _mean_ms(total_s: float, n: int) -> float:
+    return 1000 * total_s / n if n > 0 else 0.0

@@ -85,3 +85,19 @@ def test_summary_counts():
     assert summary["new_tokens"] == 4 and summary["verify_steps"] == 2
     assert summary["proposed"] == 3 and summary["accepted"] == 2 and summary["rollbacks"] == 1
     assert summary["tokens_per_verify_step"] == 2.0
+
+
+def test_timings_split_draft_steps_verifier_turnaround_and_restarts(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 4.0, 10.0, 10.5, 12.0, 13.0])
+    monkeypatch.setattr("amusd_mq.sequence.time.monotonic", lambda: next(clock))
+    s = seq()
+    s.propose(0, 0, [5])  # t=0
+    s.propose(0, 1, [6, 7])  # t=1: two tokens in 1 s
+    s.verdict(0, [5], proposed=0, accepted=0, step_s=0.0)  # t=3: first token
+    s.verdict(1, [6, 9], proposed=2, accepted=1, step_s=0.5)  # t=4: 1 s apart, 0.5 s of it the pass; rollback
+    s.propose(1, 3, [8])  # t=10: first proposal after the rollback
+    s.propose(1, 4, [8])  # t=10.5
+    summary = s.summary()  # t=12 (end)
+    assert summary["verify_step_ms"] == 500 and summary["verify_gap_ms"] == 500
+    assert summary["draft_step_ms"] == 500  # (1 s + 0.5 s) / 3 tokens
+    assert summary["restart_ms"] == 6000
