@@ -43,9 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     _dataset_flags(rec)
     rec.add_argument("--out", required=True, help="trace file to write")
     c.add_flags(rec)
+    keys = sub.add_parser("keygen", help="write CURVE key pairs and the coordinator's allow-list; print the settings")
+    keys.add_argument("dir")
+    keys.add_argument("--names", default="coordinator,draft,verify,client",
+                      help="one key pair each; every name but coordinator is allowed to connect")
     args = parser.parse_args(argv)
+    if args.command == "keygen":
+        sys.exit(keygen_main(args.dir, args.names.split(","), parser))
     try:
         cfg = c.load(args)
+        if args.command in (*SERVICE_ROLES, "generate"):
+            _check_keys(cfg, c.CLIENT if args.command == "generate" else args.command)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -59,6 +67,26 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(bench_main(cfg, args) if args.command == "bench" else record_main(cfg, args))
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _check_keys(cfg: c.Config, role: str) -> None:
+    """Refuse half a CURVE configuration, or an unreadable key, before anything loads."""
+    from .security import load_keys
+
+    load_keys(role, cfg.curve_secret_key, cfg.curve_allow_dir if role == c.COORDINATOR else cfg.curve_server_key)
+
+
+def keygen_main(directory: str, names: list[str], parser: argparse.ArgumentParser) -> int:
+    from .security import keygen
+
+    try:
+        settings = keygen(directory, names)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"keys written to {directory}; give each secret key to its owner only. Settings:")
+    for name, env in settings.items():
+        print(f"  {name}: " + " ".join(f"{k}={v}" for k, v in env.items()))
+    return 0
 
 
 def _dataset_flags(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +164,20 @@ def run_service(role: str, cfg: c.Config) -> int:
 
 
 async def _service(role: str, cfg: c.Config) -> int:
+    if cfg.fault_drop or cfg.fault_dup or cfg.fault_delay:
+        from . import transport
+
+        transport.faults = transport.Faults(cfg.fault_drop, cfg.fault_dup, cfg.fault_delay, cfg.fault_delay_ms,
+                                            cfg.fault_seed)
+        logging.getLogger("amusd_mq").warning("injecting message faults: %s", transport.faults)
+        try:
+            return await _serve_role(role, cfg)
+        finally:
+            logging.getLogger("amusd_mq").warning("message faults injected: %s", dict(transport.faults.counts))
+    return await _serve_role(role, cfg)
+
+
+async def _serve_role(role: str, cfg: c.Config) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -190,7 +232,8 @@ async def _generate(cfg: c.Config, prompt: str, max_new_tokens: int, lookahead: 
 async def stream_and_print(cfg: c.Config, prompt: str, **kwargs):
     from .client import AsyncClient
 
-    async with AsyncClient(cfg.coordinator_url, timeout_s=cfg.timeout_s) as client:
+    async with AsyncClient(cfg.coordinator_url, timeout_s=cfg.timeout_s, curve_secret_key=cfg.curve_secret_key,
+                           curve_server_key=cfg.curve_server_key) as client:
         stream = client.stream(prompt, **kwargs)
         async for chunk in stream:
             print(chunk.text, end="", flush=True)

@@ -16,7 +16,8 @@ import zmq
 import zmq.asyncio
 
 from . import protocol as p
-from .config import load
+from .config import CLIENT, load
+from .security import load_keys, secure
 from .transport import make_socket, recv, send
 
 
@@ -49,7 +50,7 @@ class RequestFailedError(AmusdError):
         self.token_ids = token_ids
 
 
-ERRORS = {"no_worker": NoWorkerError, "invalid_request": InvalidRequestError, "field": InvalidRequestError}
+ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError, "invalid_request": InvalidRequestError, "field": InvalidRequestError}
 
 
 @dataclass
@@ -69,11 +70,15 @@ class GenerationResult:
 
 class AsyncClient:
     def __init__(self, url: str | None = None, *, timeout_s: float | None = None,
-                 max_message_bytes: int | None = None):
+                 max_message_bytes: int | None = None, curve_secret_key: str | None = None,
+                 curve_server_key: str | None = None):
+        """Settings not given come from the AMUSD_* environment; the CURVE ones are key file paths ("" for off)."""
         cfg = load()
         self.url = url or cfg.coordinator_url
         self.timeout_s = timeout_s if timeout_s is not None else cfg.timeout_s
         self.max_bytes = max_message_bytes or cfg.max_message_bytes
+        self.keys = load_keys(CLIENT, cfg.curve_secret_key if curve_secret_key is None else curve_secret_key,
+                              cfg.curve_server_key if curve_server_key is None else curve_server_key)
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._streams: dict[str, asyncio.Queue] = {}
@@ -91,6 +96,7 @@ class AsyncClient:
 
     async def connect(self) -> None:
         self._sock = make_socket(self._ctx, zmq.DEALER, self.max_bytes)
+        secure(self._sock, self.keys)
         self._sock.connect(self.url)
         self._reader = asyncio.create_task(self._read())
         try:
@@ -120,8 +126,18 @@ class AsyncClient:
                 if isinstance(got, p.Error):
                     raise AmusdError(f"coordinator refused {msg.TYPE}: {got.message}")
         except asyncio.TimeoutError:
+            # A CURVE refusal looks the same from here as nothing listening: name it as a possible cause.
+            hint = "refused this client's CURVE key" if self.keys else "requires CURVE keys, which this client lacks"
             raise CoordinatorUnavailableError(
-                f"no answer from a coordinator at {self.url} within {self.timeout_s:g}s") from None
+                f"no answer from a coordinator at {self.url} within {self.timeout_s:g}s (or it {hint})") from None
+
+    def _restarted(self, instance: str) -> None:
+        """A new coordinator answers at the address: the old one's requests are gone, so fail them now rather
+        than wait forever (this one answers pings)."""
+        self.welcome.instance = instance
+        for req_id, queue in self._streams.items():
+            queue.put_nowait(p.Error(code="coordinator_restarted", req_id=req_id,
+                                     message="the coordinator restarted and lost the request; submit it again"))
 
     async def _read(self) -> None:
         while True:
@@ -130,6 +146,8 @@ class AsyncClient:
             except p.ProtocolError:
                 continue  # a garbled frame can't be routed to a request; its request times out instead
             self._last_heard = time.monotonic()
+            if isinstance(msg, p.Pong) and self.welcome is not None and msg.instance != self.welcome.instance:
+                self._restarted(msg.instance)
             req_id = getattr(msg, "req_id", None)
             if req_id in self._streams:
                 self._streams[req_id].put_nowait(msg)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 COORDINATOR, DRAFT, VERIFY, CLIENT = "coordinator", "draft", "verify", "client"
 WORKERS = (DRAFT, VERIFY)
+SERVICES = (COORDINATOR, DRAFT, VERIFY)
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,15 @@ SETTINGS = (
     Setting("heartbeat_s", 1.0, "Heartbeat interval between the coordinator and workers, in seconds.", ALL),
     Setting("liveness", 5, "Heartbeats missed before a peer is declared dead.", ALL),
     Setting("max_message_bytes", 16 << 20, "Largest frame any socket accepts; larger ones are rejected.", ALL),
+    Setting("curve_secret_key", "", "CURVE: this service's or client's secret key file (amusd-mq keygen); empty: "
+            "no encryption or authentication.", ALL),
+    Setting("curve_server_key", "", "CURVE: the coordinator's public key file.", (DRAFT, VERIFY, CLIENT)),
+    Setting("curve_allow_dir", "", "CURVE: directory of the public key files the coordinator admits.", (COORDINATOR,)),
     Setting("failover_s", 10.0, "How long a request whose verifier was lost waits for another one to resume it "
             "before it fails, carrying its committed tokens.", (COORDINATOR,)),
+    Setting("progress_timeout_s", 30.0, "A verifier that commits nothing for this long is sent its request again; "
+            "after a second time it is dropped as hung and the request moves on. Allow for the longest prefill.",
+            (COORDINATOR,)),
     Setting("timeout_s", 60.0, "Client: seconds of silence from the coordinator before a request fails.",
             (CLIENT,)),
     Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", WORKERS),
@@ -56,7 +64,16 @@ SETTINGS = (
             "e.g. shape:llama-3.2-1b,llama-3.1-8b).", WORKERS),
     Setting("draft_delay_ms", 0.0, "Fault injection: extra milliseconds per draft step.", (DRAFT,)),
     Setting("verify_delay_ms", 0.0, "Fault injection: extra milliseconds per verify step.", (VERIFY,)),
+    Setting("verify_hang_after", 0, "Fault injection: after this many forward passes the verifier's model thread "
+            "hangs, while its heartbeats go on (0: never).", (VERIFY,)),
     Setting("draft_wrong", False, "Fault injection: the draft proposes a token it knows is wrong.", (DRAFT,)),
+    Setting("fault_drop", 0.0, "Fault injection: probability that a service drops a message it sends to another "
+            "service (not to clients).", SERVICES),
+    Setting("fault_dup", 0.0, "Fault injection: probability that such a message is sent twice.", SERVICES),
+    Setting("fault_delay", 0.0, "Fault injection: probability that such a message is held back (so later ones "
+            "overtake it).", SERVICES),
+    Setting("fault_delay_ms", 20.0, "Fault injection: the longest hold, in milliseconds.", SERVICES),
+    Setting("fault_seed", 0, "Fault injection: seed of the faults' random choices.", SERVICES),
 )
 BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -74,14 +91,24 @@ class Config:
     heartbeat_s: float
     liveness: int
     max_message_bytes: int
+    curve_secret_key: str
+    curve_server_key: str
+    curve_allow_dir: str
     failover_s: float
+    progress_timeout_s: float
     timeout_s: float
     cache_dir: str
     log_level: str
     trace_compute: str
     draft_delay_ms: float
     verify_delay_ms: float
+    verify_hang_after: int
     draft_wrong: bool
+    fault_drop: float
+    fault_dup: float
+    fault_delay: float
+    fault_delay_ms: float
+    fault_seed: int
 
     def __post_init__(self):
         checks = {
@@ -89,6 +116,9 @@ class Config:
             "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
             "timeout_s": self.timeout_s > 0, "failover_s": self.failover_s >= 0,
             "draft_delay_ms": self.draft_delay_ms >= 0, "verify_delay_ms": self.verify_delay_ms >= 0,
+            "progress_timeout_s": self.progress_timeout_s > 0, "fault_delay_ms": self.fault_delay_ms >= 0,
+            "verify_hang_after": self.verify_hang_after >= 0,
+            **{name: 0 <= getattr(self, name) <= 1 for name in ("fault_drop", "fault_dup", "fault_delay")},
         }
         for name, ok in checks.items():
             if not ok:

@@ -10,14 +10,15 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from . import protocol as p
-from .config import DRAFT, VERIFY, Config
+from .config import COORDINATOR, DRAFT, VERIFY, Config
 from .detokenize import Detokenizer, unpack_tokenizer
+from .security import Gate, load_keys, secure
 from .sequence import Sequence
 from .transport import Rejects, make_socket, pub_url, recv, send
 
@@ -32,6 +33,7 @@ class Worker:
     info: p.Register
     last_seen: float
     request: str | None = None
+    beat: p.Heartbeat = field(default_factory=p.Heartbeat)  # the latest: is its model thread busy, and how many passes it has done
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Request:
     verifier: bytes | None = None
     draft: bytes | None = None
     orphaned: float | None = None  # when its verifier was lost, until another takes over
+    progress: float = 0.0  # when its verifier was last assigned it or last committed
+    stalled_at: int | None = None  # the verifier's pass count when it was last found making no progress
+    resent_epoch: int = 0  # the epoch of the latest resend: verdicts of older epochs come from before it
 
 
 class RequestError(Exception):
@@ -60,12 +65,16 @@ class Coordinator:
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.router = make_socket(self.ctx, zmq.ROUTER, cfg.max_message_bytes)
         self.pub = make_socket(self.ctx, zmq.PUB, cfg.max_message_bytes)
+        self.keys = load_keys(COORDINATOR, cfg.curve_secret_key, cfg.curve_allow_dir)
+        secure(self.router, self.keys)
+        secure(self.pub, self.keys)
         self.workers: dict[bytes, Worker] = {}
         self.requests: dict[str, Request] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         self.queue: deque[str] = deque()
         self.rejects = Rejects()
         self.pub_seq = 0
+        self.instance = uuid.uuid4().hex
         self.served = 0
         self.tokenizer = None
         self.vocab_hash: str | None = None
@@ -78,10 +87,13 @@ class Coordinator:
     # lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
+        gate = Gate(self.ctx, self.keys, self.rejects) if self.keys else None
         self.router.bind(self.cfg.coordinator_url)
         self.pub.bind(pub_url(self.cfg.coordinator_url))
         log.info("coordinator listening on %s (pub %s)", self.cfg.coordinator_url, pub_url(self.cfg.coordinator_url))
         tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._tick())]
+        if gate:
+            tasks.append(asyncio.create_task(gate.count_refusals(self.router)))
         try:
             await stop.wait()
         finally:
@@ -92,6 +104,8 @@ class Coordinator:
                 await self._fail(req, "shutdown", "the coordinator is shutting down")
             self.router.close()
             self.pub.close()
+            if gate:
+                gate.stop()
 
     async def _serve(self) -> None:
         while True:
@@ -124,6 +138,30 @@ class Coordinator:
                 if req.orphaned is not None and now - req.orphaned > self.cfg.failover_s:
                     await self._fail(req, "worker_lost", f"its verify worker was lost and no other took over "
                                                          f"within {self.cfg.failover_s:g}s")
+                elif req.verifier is not None and now - req.progress > self.cfg.progress_timeout_s:
+                    await self._stalled(req)
+
+    async def _stalled(self, req: Request) -> None:
+        """No commit for a while: a forward pass that never ends is a dead verifier; otherwise a message was
+        lost (an Assign, or the last Verdict) and the verifier is sent the request again."""
+        w = self.workers[req.verifier]
+        req.progress = time.monotonic()
+        if w.beat.busy and req.stalled_at == w.beat.passes:
+            await self._drop_worker(w, f"no forward pass finished in {2 * self.cfg.progress_timeout_s:g}s")
+            return
+        req.stalled_at = w.beat.passes
+        await self._resend(req, "no progress")
+
+    async def _resend(self, req: Request, why: str) -> None:
+        """Start the verifier over from the canonical state: what it holds beyond it was lost in transit."""
+        log.warning("resending request %s to its verifier: %s", req.rid, why)
+        await send(self.router, p.Release(req_id=req.rid), req.verifier)
+        req.seq.resync()
+        req.resent_epoch = req.seq.epoch
+        await self._assign(req, req.verifier)
+        if req.draft is not None:  # its Assign may have been lost too; a worker ignores a duplicate
+            await self._assign(req, req.draft)
+        await self._commit(req, len(req.seq.committed), [])
 
     async def _reject(self, identity: bytes | None, kind: str, detail: str, req_id: str | None = None) -> None:
         self.rejects.add(kind, detail)
@@ -145,11 +183,11 @@ class Coordinator:
         verifiers = self._verifiers()
         ref = verifiers[0].info if verifiers else None
         await send(self.router, p.Welcome(
-            verifiers=len(verifiers), drafts=len(self._drafts()), vocab_size=ref.vocab_size if ref else 0,
+            instance=self.instance, verifiers=len(verifiers), drafts=len(self._drafts()), vocab_size=ref.vocab_size if ref else 0,
             max_context=ref.max_context if ref else 0, eos_token_ids=ref.eos_token_ids if ref else []), identity)
 
     async def on_ping(self, identity: bytes, msg: p.Ping) -> None:
-        await send(self.router, p.Pong(), identity)
+        await send(self.router, p.Pong(instance=self.instance), identity)
 
     async def on_status(self, identity: bytes, msg: p.Status) -> None:
         await send(self.router, p.StatusReply(
@@ -247,7 +285,9 @@ class Coordinator:
         return w
 
     async def on_heartbeat(self, identity: bytes, msg: p.Heartbeat) -> None:
-        await self._worker(identity)
+        w = await self._worker(identity)
+        if w is not None:
+            w.beat = msg
 
     async def on_snapshot(self, identity: bytes, msg: p.SnapshotRequest) -> None:
         if await self._worker(identity) is None:
@@ -264,6 +304,7 @@ class Coordinator:
         req = self.requests.get(req_id)
         if req is None or identity not in (req.verifier, req.draft):
             self.rejects.add("stale", f"{role} message for a request it no longer serves")
+            await send(self.router, p.Release(req_id=req_id), identity)  # in case its Release was lost
             return None
         return req
 
@@ -291,8 +332,12 @@ class Coordinator:
             return
         applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, msg.step_ms / 1000)
         if applied is None:
-            self.rejects.add("stale", f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
+            if msg.start > len(req.seq.committed) and msg.epoch >= req.resent_epoch:
+                await self._resend(req, f"a verdict before position {msg.start} was lost")
+            else:
+                self.rejects.add("stale", f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
             return
+        req.progress, req.stalled_at = time.monotonic(), None
         tokens, _ = applied
         await self._commit(req, msg.start, tokens)
         text = req.detok.push(tokens) + (req.detok.flush() if req.seq.done else "")
@@ -316,6 +361,7 @@ class Coordinator:
                 continue
             req.verifier = free_verifiers.pop(0).identity
             self.workers[req.verifier].request = req.rid
+            req.progress, req.stalled_at = time.monotonic(), None
             await self._assign(req, req.verifier)
             if req.orphaned is None:
                 req.seq.started = time.monotonic()

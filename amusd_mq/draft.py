@@ -16,6 +16,7 @@ import zmq
 from . import protocol as p
 from .backend import Session
 from .config import DRAFT
+from .security import secure
 from .transport import make_socket, pub_url, send
 from .worker import Worker
 
@@ -72,6 +73,7 @@ class DraftWorker(Worker):
     async def on_registered(self) -> None:
         self.last_seq = self.registered_seq
         self.sub = make_socket(self.ctx, zmq.SUB, self.cfg.max_message_bytes)
+        secure(self.sub, self.keys)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(pub_url(self.cfg.coordinator_url))
 

@@ -46,12 +46,14 @@ class Deployment:
         for role in roles:
             self.start(role)
 
-    def start(self, role: str, name: str | None = None, **env: str) -> subprocess.Popen:
+    def start(self, role: str, name: str | None = None, netns: str | None = None, **env: str) -> subprocess.Popen:
+        """Start a service, inside network namespace `netns` when given (as another host would be)."""
         name = name or role
         log = open(self.log_dir / f"{name}.log", "ab")
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "amusd_mq", role], env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+            prefix + [sys.executable, "-m", "amusd_mq", role], env={**self.env, **env}, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         return self.procs[name]
 
@@ -70,7 +72,9 @@ class Deployment:
         while time.monotonic() < deadline:
             self.check_alive()
             try:
-                async with AsyncClient(self.url, timeout_s=1.0) as client:
+                # With CURVE on, the deployment's own environment holds the keys a client uses.
+                async with AsyncClient(self.url, timeout_s=1.0, curve_secret_key=self.env.get("AMUSD_CURVE_SECRET_KEY"),
+                                       curve_server_key=self.env.get("AMUSD_CURVE_SERVER_KEY")) as client:
                     welcome = client.welcome
                 if welcome.verifiers >= verifiers and welcome.drafts >= drafts:
                     return

@@ -53,6 +53,7 @@ class Hello(Message):
 @message
 class Welcome(Message):
     TYPE = "welcome"
+    instance: str  # this run of the coordinator: a client seeing another one knows its requests were lost
     verifiers: int
     drafts: int
     vocab_size: int
@@ -116,6 +117,7 @@ class Ping(Message):
 @message
 class Pong(Message):
     TYPE = "pong"
+    instance: str
 
 
 @message
@@ -157,7 +159,11 @@ class Registered(Message):
 
 @message
 class Heartbeat(Message):
+    """Sent both ways. A worker's tells whether its model thread is in a forward pass and how many it has
+    finished, so a hung pass is told apart from lost messages or an idle worker."""
     TYPE = "heartbeat"
+    busy: bool = False
+    passes: int = 0
 
 
 @message
@@ -193,6 +199,7 @@ class Verdict(Message):
     token_ids: list[int]
     proposed: int
     accepted: int
+    epoch: int  # the newest the verifier knew of: after a resend, tells its old verdicts from its new ones
     step_ms: float = 0.0  # the forward pass's own time, so the coordinator can report verifier utilisation
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -86,7 +87,7 @@ class VerifyWorker(Worker):
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
                        stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
         return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead,
-                             policy=msg.policy)
+                             policy=msg.policy, epoch=msg.epoch)
 
     async def on_propose(self, msg: p.Propose) -> None:
         r = self.requests.get(msg.req_id)
@@ -109,7 +110,7 @@ class VerifyWorker(Worker):
             tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
             r.settle(start, tokens)
             await send(self.dealer, p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
-                                              accepted=accepted, step_ms=step_ms))
+                                              accepted=accepted, epoch=r.epoch, step_ms=step_ms))
 
     async def _wait_for_two(self, r: VerifyRequest) -> list[int]:
         """The original AMUSD verifier waits until the draft is 2 ahead. Kept for comparison only (the
@@ -131,4 +132,6 @@ class VerifyWorker(Worker):
         tokens, accepted = verify_greedy(session, seq, draft)
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)
+        if self.cfg.verify_hang_after and self.thread.done >= self.cfg.verify_hang_after:
+            threading.Event().wait()
         return tokens, accepted, (time.perf_counter() - start) * 1000

@@ -16,6 +16,7 @@ import zmq.asyncio
 from . import protocol as p
 from .backend import CausalLM, ModelThread
 from .config import Config
+from .security import load_keys, secure
 from .transport import Rejects, make_socket, recv_valid, send
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Worker:
         self.thread = thread
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.rejects = Rejects()
+        self.keys = load_keys(self.role, cfg.curve_secret_key, cfg.curve_server_key)
         self.dealer: zmq.asyncio.Socket | None = None
         self.requests: dict = {}
         self.tasks: dict[str, asyncio.Task] = {}
@@ -50,6 +52,11 @@ class Worker:
         register = self.register_message()
         backoff = self.cfg.heartbeat_s
         while not stop.is_set():
+            if self.thread.busy:  # still inside a pass of a request it was dropped from: maybe hung
+                log.warning("waiting for the model thread to finish its forward pass before registering")
+                while self.thread.busy and not stop.is_set():
+                    await asyncio.sleep(self.cfg.heartbeat_s)
+                continue
             session = asyncio.create_task(self._session(register))
             stopper = asyncio.create_task(stop.wait())
             await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -72,6 +79,7 @@ class Worker:
     async def _session(self, register: p.Register) -> None:
         """One registration: returns when the coordinator is presumed dead."""
         self.dealer = make_socket(self.ctx, zmq.DEALER, self.cfg.max_message_bytes)
+        secure(self.dealer, self.keys)
         self.dealer.connect(self.cfg.coordinator_url)
         try:
             await send(self.dealer, register)
@@ -123,7 +131,7 @@ class Worker:
             await asyncio.sleep(self.cfg.heartbeat_s)
             if time.monotonic() - self.last_heard > self.cfg.heartbeat_expiry_s:
                 return
-            await send(self.dealer, p.Heartbeat())
+            await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done))
 
     async def _noop(self, msg: p.Message) -> None:
         pass
@@ -150,8 +158,10 @@ class Worker:
         except Exception:
             log.exception("%s request %s failed", self.role, state.rid)
         finally:
-            self.requests.pop(state.rid, None)
-            self.tasks.pop(state.rid, None)
+            if self.requests.get(state.rid) is state:  # not already replaced by a fresh Assign
+                del self.requests[state.rid]
+            if self.tasks.get(state.rid) is asyncio.current_task():
+                del self.tasks[state.rid]
 
     async def on_release(self, msg: p.Release) -> None:
         state = self.requests.pop(msg.req_id, None)

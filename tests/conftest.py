@@ -53,6 +53,14 @@ def reference(tiny_verify):
 
 
 @pytest.fixture
+def curve_keys(tmp_path) -> dict[str, dict[str, str]]:
+    """Fresh CURVE keys from `amusd-mq keygen`: each role's AMUSD_CURVE_* settings, by role."""
+    from amusd_mq.security import keygen
+
+    return keygen(tmp_path / "keys", ["coordinator", "draft", "verify", "client"])
+
+
+@pytest.fixture
 def deploy(tiny_cache):
     """Start services as separate processes on a fresh ipc address; all stopped at the end of the test."""
     made: list[Deployment] = []

@@ -4,11 +4,11 @@ import pytest
 from amusd_mq import protocol as p
 
 SAMPLES = [
-    p.Hello(), p.Welcome(verifiers=1, drafts=2, vocab_size=100, max_context=2048, eos_token_ids=[2]),
+    p.Hello(), p.Welcome(instance="i", verifiers=1, drafts=2, vocab_size=100, max_context=2048, eos_token_ids=[2]),
     p.Generate(req_id="r", max_new_tokens=5, prompt="hi"), p.Generate(req_id="r", max_new_tokens=5, prompt_ids=[1, 2]),
     p.Tokens(req_id="r", start=3, token_ids=[4, 5], text="ab"),
     p.Done(req_id="r", finish_reason="stop", prompt_ids=[1], stats={"a": 1, "b": 0.5}),
-    p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(), p.Status(),
+    p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(instance="i"), p.Status(),
     p.StatusReply(verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4),
     p.Register(role="verify", model="m", vocab_size=9, vocab_hash="h", max_context=8, eos_token_ids=[],
                tokenizer=b"\x00\x01"),
@@ -16,7 +16,7 @@ SAMPLES = [
     p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3,
              policy="eager"),
     p.Propose(req_id="r", epoch=0, pos=0, token_ids=[7]),
-    p.Verdict(req_id="r", start=0, token_ids=[7, 8], proposed=3, accepted=1), p.Release(req_id="r"),
+    p.Verdict(req_id="r", start=0, token_ids=[7, 8], proposed=3, accepted=1, epoch=0), p.Release(req_id="r"),
     p.SnapshotRequest(req_id="r"), p.Snapshot(req_id="r", seq=1, epoch=0, committed=[], done=False),
     p.Commit(seq=1, req_id="r", epoch=0, start=0, token_ids=[1], done=True), p.Beat(seq=9),
 ]

@@ -133,7 +133,7 @@ async def test_malformed_messages_are_rejected_counted_and_survived(deploy, refe
         "field": [msgpack.packb({**body, "t": "generate", "req_id": 7, "max_new_tokens": 1})],
         "oversized": [b"\x00" * 5000],
         "unexpected_type": [p.encode(p.Commit(seq=1, req_id="x", epoch=0, start=0, token_ids=[], done=False))],
-        "unknown_worker": [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0))],
+        "unknown_worker": [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0))],
     }
     frames["malformed"].append(b"")  # a second, multipart payload
     replies = await raw_exchange(d.url, list(frames.values()))
@@ -250,3 +250,23 @@ async def test_signals_stop_every_service_within_5s(deploy, sig):
             assert time.monotonic() - start < 5 and code == 0, d.log_tail(name)
         with pytest.raises(Exception):
             await gen
+
+
+async def test_workers_are_held_to_their_role_and_their_requests(deploy, tiny_verify):
+    d = deploy(roles=("coordinator", "verify"))
+    await d.wait_ready(drafts=0, timeout_s=120)
+    sign_up = dict(model="imposter", vocab_size=tiny_verify.vocab_size, vocab_hash=tiny_verify.vocab_hash(),
+                   max_context=64, eos_token_ids=[])
+    replies = await raw_exchange(d.url, [
+        [p.encode(p.Register(role="judge", **sign_up))],
+        [p.encode(p.Register(role="draft", **{**sign_up, "vocab_hash": "0" * 64}))],
+        [p.encode(p.Register(role="draft", **sign_up))],
+        [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0))],
+        [p.encode(p.Propose(req_id="not-mine", epoch=0, pos=0, token_ids=[1]))],
+    ])
+    assert [type(r).__name__ for r in replies] == ["Error", "Error", "Registered", "Error", "Release"]
+    assert [r.code for r in replies if isinstance(r, p.Error)] == ["invalid_register", "vocab_mismatch", "wrong_role"]
+    assert replies[-1].req_id == "not-mine"  # told to stop serving what it doesn't own
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        status = await client.status()
+    assert status.rejected["wrong_role"] == 1 and status.rejected["stale"] == 1

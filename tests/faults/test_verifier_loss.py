@@ -69,3 +69,20 @@ async def test_a_late_verifier_picks_up_an_orphaned_request(deploy, reference, t
         status = await client.status()
     assert ids == reference(tiny_verify.tokenizer(PROMPT)["input_ids"], MAX_NEW)
     assert status.queued == 0 and status.active == 0
+
+
+async def test_a_hung_forward_pass_is_told_apart_and_a_spare_takes_over(deploy, reference, tiny_verify):
+    timeout_s = 0.5
+    d = deploy(AMUSD_VERIFY_DELAY_MS=20, AMUSD_VERIFY_HANG_AFTER=8, AMUSD_PROGRESS_TIMEOUT_S=timeout_s)
+    await d.wait_ready(timeout_s=120)
+    d.start("verify", name="spare", AMUSD_VERIFY_HANG_AFTER="0")
+    await d.wait_ready(verifiers=2, timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        ids, times = await first_chunk_then(client.stream(PROMPT, max_new_tokens=MAX_NEW), None)
+    assert ids == reference(tiny_verify.tokenizer(PROMPT)["input_ids"], MAX_NEW)
+    # Its heartbeats never stopped: progress told the hang (a resend, then the same pass still running).
+    assert d.procs["verify"].poll() is None
+    assert "no forward pass finished" in (d.log_dir / "coordinator.log").read_text()
+    async with AsyncClient(d.url, timeout_s=30) as client:  # and, hung, it does not come back for more work
+        assert (await client.status()).verifiers == 1
+    assert max(b - a for a, b in zip(times, times[1:])) < 2 * timeout_s + 2 * 0.25 + 2.0
