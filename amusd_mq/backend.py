@@ -12,6 +12,7 @@ import zlib
 import torch
 
 from . import models
+from .sampling import GREEDY, Sampling
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,13 +96,28 @@ class Session:
         return self.logits(seq, n_out).argmax(-1).tolist()
 
 
-def verify_greedy(session: Session, committed: list[int], draft: list[int]) -> tuple[list[int], int]:
-    """One verify pass: the longest prefix of `draft` the model agrees with, plus its own next token."""
-    choices = session.greedy(committed + draft, len(draft) + 1)
+def verify(session: Session, seq: list[int], draft: list[int], start: int = 0, sampling: Sampling = GREEDY,
+           q: list[tuple[list[int], list[float]]] | None = None) -> tuple[list[int], int]:
+    """One verify pass after `seq`, whose next token is generated position `start`: the accepted prefix of
+    `draft`, plus the verifier's own next token. In greedy and seeded mode the accepted prefix is the one the
+    model agrees with; in exact mode, rejection sampling against the draft's distributions `q`."""
+    n = len(draft) + 1
+    if sampling.mode == "exact":
+        return sampling.verify_exact(session.logits(seq + draft, n), draft, start, q)
+    choices = (session.greedy(seq + draft, n) if sampling.mode == "greedy" else
+               sampling.choose(session.logits(seq + draft, n), list(range(start, start + n))))
     accepted = 0
     while accepted < len(draft) and draft[accepted] == choices[accepted]:
         accepted += 1
     return draft[:accepted] + [choices[accepted]], accepted
+
+
+def propose(session: Session, seq: list[int], position: int,
+            sampling: Sampling = GREEDY) -> tuple[int, list[int] | None, list[float] | None]:
+    """The draft's next token after `seq` (generated position `position`), with its distribution in exact mode."""
+    if sampling.mode == "greedy":
+        return session.greedy(seq, 1)[0], None, None
+    return sampling.propose(session.logits(seq, 1), position)
 
 
 class ModelThread:

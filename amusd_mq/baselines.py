@@ -1,11 +1,13 @@
 """The schedules speculation is measured against, run in one process on the same models and sessions:
-plain greedy decoding (`ar`) and synchronous speculative decoding (`sd`: draft gamma, then verify)."""
+plain decoding (`ar`) and synchronous speculative decoding (`sd`: draft gamma, then verify), in any sampling
+mode (amusd_mq.sampling)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from .backend import verify_greedy
+from .backend import propose, verify
+from .sampling import GREEDY, Sampling
 from .sequence import Sequence
 
 
@@ -28,26 +30,33 @@ class Run:
         self.accepted += accepted
 
 
-def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_ids) -> Run:
-    """Plain greedy decoding with the same cache and termination rules: the output speculation must match."""
+def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_ids,
+                   sampling: Sampling = GREEDY) -> Run:
+    """Plain decoding with the same cache and termination rules: the output speculation must match (greedy,
+    seeded) or match in distribution (exact)."""
     seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
     session, run = lm.session(), Run()
     while not seq.done:
-        run.commit(seq, session.greedy(prompt_ids + seq.committed, 1), 0, 0)
+        tokens, _ = verify(session, prompt_ids + seq.committed, [], len(seq.committed), sampling)
+        run.commit(seq, tokens, 0, 0)
     return run
 
 
 def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens: int, stop_token_ids,
-                     gamma: int) -> Run:
+                     gamma: int, sampling: Sampling = GREEDY) -> Run:
     """Leviathan et al.: the draft proposes gamma tokens one by one, then the verifier checks them at once."""
     seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
     draft_session, verify_session, run = draft_lm.session(), verify_lm.session(), Run()
     while not seq.done:
         draft: list[int] = []
-        for _ in range(min(gamma, seq.max_new_tokens - len(seq.committed) - 1)):
-            draft += draft_session.greedy(prompt_ids + seq.committed + draft, 1)
+        q = []
+        start = len(seq.committed)
+        for _ in range(min(gamma, seq.max_new_tokens - start - 1)):
+            token, ids, probs = propose(draft_session, prompt_ids + seq.committed + draft, start + len(draft), sampling)
+            draft.append(token)
+            q.append((ids, probs))
             run.draft_steps += 1
-        tokens, accepted = verify_greedy(verify_session, prompt_ids + seq.committed, draft)
+        tokens, accepted = verify(verify_session, prompt_ids + seq.committed, draft, start, sampling, q)
         run.commit(seq, tokens, len(draft), accepted)
     return run
 

@@ -15,11 +15,12 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import config as c
 from . import simulate
+from .sampling import GREEDY, Sampling
 from .trace import LatencyProfile, Trace, TracedPrompt, trace_prompt
 
 AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
@@ -33,7 +34,7 @@ class Result:
     strategy: str
     tokens: int
     ms_per_token: float
-    identical: bool
+    identical: bool | None  # None in exact sampling mode, where only the distribution is the verify model's
     verify_steps: int = 0
     draft_steps: int = 0
     proposed: int = 0
@@ -75,8 +76,9 @@ def profile_of(draft_lm, verify_lm, prompt: TracedPrompt) -> LatencyProfile:
 
 class Bench:
     def __init__(self, cfg: c.Config, backend: str, prompts: list[tuple[str, list[int]]] | None, trace: Trace | None,
-                 max_new_tokens: int, gammas: list[int], lookahead: int, strategies: list[str], out: Path):
-        self.cfg, self.backend, self.max_new = cfg, backend, max_new_tokens
+                 max_new_tokens: int, gammas: list[int], lookahead: int, strategies: list[str], out: Path,
+                 sampling: Sampling = GREEDY):
+        self.cfg, self.backend, self.max_new, self.sampling = cfg, backend, max_new_tokens, sampling
         self.gammas, self.lookahead, self.strategies, self.out = gammas, lookahead, strategies, out
         self.trace = trace
         self.prompts = prompts or [(p.id, p.prompt_ids) for p in trace.prompts]
@@ -116,8 +118,9 @@ class Bench:
                     self.overheads = asyncio.run(measure_overheads(env["AMUSD_COORDINATOR_URL"],
                                                                    self.cfg.max_message_bytes))
                 bar = tqdm(total=len(self.prompts) * per_prompt, desc="bench", unit="run")
-                for pid, ids in self.prompts:
-                    self._prompt(pid, ids, env["AMUSD_COORDINATOR_URL"], bar)
+                for i, (pid, ids) in enumerate(self.prompts):
+                    self._prompt(pid, ids, env["AMUSD_COORDINATOR_URL"], bar, replace(self.sampling,
+                                                                                      seed=self.sampling.seed + i))
                 bar.close()
             finally:
                 deployment.stop()
@@ -127,24 +130,26 @@ class Bench:
         torch.set_num_threads(worker_threads(self.cfg))
         self.profiles["workers"] = self._profile()
         for r in self.results:
+            if self.sampling.mode == "exact":
+                continue  # acceptance is a coin toss per token there: no trace fixes the schedule
             times = self._ideal(r)
             r.ideal_ms_per_token = simulate.ms_per_token(times)
             r.ideal_tokens_per_step = len(times) / len(set(times))  # a pass commits all its tokens at once
         return self.report()
 
-    def _prompt(self, pid: str, ids: list[int], url: str, bar) -> None:
+    def _prompt(self, pid: str, ids: list[int], url: str, bar, sampling: Sampling) -> None:
         from .baselines import autoregressive, explain_difference, speculative_sync
 
         eos = self.verify.eos_token_ids
-        ar = autoregressive(self.verify, ids, self.max_new, eos)
+        ar = autoregressive(self.verify, ids, self.max_new, eos, sampling)
         self._add(pid, "ar", ar.token_ids, ar.times, ar.token_ids, verify_steps=ar.verify_steps)
         bar.update(1)
         self.traced[pid] = (next(p for p in self.trace.prompts if p.id == pid) if self.trace else
-                            trace_prompt(self.draft, pid, ids, ar.token_ids))
+                            trace_prompt(self.draft, pid, ids, ar.token_ids, sampling))
         added = []
         if "sd" in self.strategies:
             for g in self.gammas:
-                sd = speculative_sync(self.draft, self.verify, ids, self.max_new, eos, g)
+                sd = speculative_sync(self.draft, self.verify, ids, self.max_new, eos, g, sampling)
                 added.append(self._add(pid, f"sd-{g}", sd.token_ids, sd.times, ar.token_ids,
                                        verify_steps=sd.verify_steps, draft_steps=sd.draft_steps,
                                        proposed=sd.proposed, accepted=sd.accepted))
@@ -152,18 +157,19 @@ class Bench:
         for strategy, policy in SERVICE_STRATEGIES.items():
             if strategy in self.strategies:
                 out, times, stats = asyncio.run(_through_services(url, ids, self.max_new, self._lookahead(policy),
-                                                                  policy))
+                                                                  policy, sampling))
                 added.append(self._add(pid, strategy, out, times, ar.token_ids, **{
                     k: stats[k] for k in ("verify_steps", "draft_steps", "proposed", "accepted", "rollbacks",
                                           "verify_busy", *TIMINGS)}))
                 bar.update(1)
         for result in added:
-            if not result.identical and hasattr(self.verify, "model"):
+            if result.identical is False and hasattr(self.verify, "model"):
                 result.difference = explain_difference(self.verify, ids, ar.token_ids, result.output)
 
     def _add(self, pid, strategy, ids, times, ar_ids, **counts) -> Result:
         t0 = times[0] if times else 0.0
-        result = Result(pid, strategy, len(ids), simulate.ms_per_token(times) * 1000, ids == ar_ids,
+        identical = ids == ar_ids if self.sampling.mode != "exact" else None
+        result = Result(pid, strategy, len(ids), simulate.ms_per_token(times) * 1000, identical,
                         times=[t - t0 for t in times], output=ids, **counts)
         self.results.append(result)
         return result
@@ -207,7 +213,8 @@ class Bench:
                 "verify_busy": statistics.mean(r.verify_busy for r in rs),
                 "rollbacks": sum(r.rollbacks for r in rs),
                 "wasted_draft_tokens": sum(max(0, r.draft_steps - r.accepted) for r in rs if r.draft_steps),
-                "identical": f"{sum(r.identical for r in rs)}/{len(rs)}",
+                "identical": f"{sum(bool(r.identical) for r in rs)}/{len(rs)}" if self.sampling.mode != "exact"
+                else "-",
                 **{k: statistics.mean(getattr(r, k) for r in rs) for k in TIMINGS},
                 "profile_verify_step_ms": self.profiles["workers"].verify(
                     1 + _ratio(sum(r.proposed for r in rs), sum(r.verify_steps for r in rs))),
@@ -219,10 +226,11 @@ class Bench:
             "machine": machine(self.cfg), "backend": self.backend, "draft_model": self.cfg.draft_model,
             "verify_model": self.cfg.verify_model, "dtype": self.cfg.dtype, "trace_compute": self.cfg.trace_compute,
             "prompts": len(self.prompts), "max_new_tokens": self.max_new, "lookahead": self.lookahead,
+            "sampling": asdict(self.sampling),
             "best_sd": best_sd, "profiles": {k: asdict(v) for k, v in self.profiles.items()}, "alpha": alpha,
             "c": t_d / t_v, "t_d_ms": t_d, "t_v_ms": t_v,
             "bounds": simulate.bounds(alpha, t_d / t_v, t_v, t_d), "table": rows, "overheads": self.overheads,
-            "differences": [asdict(r) | {"times": None} for r in self.results if not r.identical],
+            "differences": [asdict(r) | {"times": None} for r in self.results if r.identical is False],
             "results": [asdict(r) for r in self.results],
         }
         (self.out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -269,11 +277,13 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
             "codec_us": (time.perf_counter() - start) / (n * len(typical)) * 1e6}
 
 
-async def _through_services(url, ids, max_new, lookahead, policy):
+async def _through_services(url, ids, max_new, lookahead, policy, sampling: Sampling):
     from .client import AsyncClient
 
     async with AsyncClient(url, timeout_s=120) as client:
-        stream = client.stream(prompt_ids=ids, max_new_tokens=max_new, lookahead=lookahead, policy=policy)
+        stream = client.stream(prompt_ids=ids, max_new_tokens=max_new, lookahead=lookahead, policy=policy,
+                               temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                               seed=sampling.seed, sampling_mode=sampling.mode)
         times = []
         async for chunk in stream:
             times += [time.perf_counter()] * len(chunk.token_ids)

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 from . import config as c
+from .sampling import MODES, Sampling, default_mode
 
 DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
 SERVICE_ROLES = (c.COORDINATOR, c.DRAFT, c.VERIFY)
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--strategies", default="ar,sd,async,amusd-policy",
                        help="any of ar, sd, async, amusd-policy")
     bench.add_argument("--out", default=None, help="results folder (default bench-results/<date-time>)")
+    bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    bench.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    bench.add_argument("--top-p", type=float, default=1.0)
+    bench.add_argument("--sampling-mode", choices=MODES, default=None,
+                       help="default: greedy at temperature 0, else exact")
+    bench.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
     c.add_flags(bench)
     rec = sub.add_parser("record-trace", help="record the draft/verify decisions of a real pair on a dataset")
     _dataset_flags(rec)
@@ -111,8 +118,15 @@ def bench_main(cfg: c.Config, args) -> int:
     from .bench import Bench
     from .trace import TRACE_PREFIX, Trace
 
+    sampling = Sampling(args.sampling_mode or default_mode(args.temperature), args.temperature, args.top_k,
+                        args.top_p, args.seed)
+    problems = sampling.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     trace = prompts = None
     if args.backend == "trace":
+        if sampling.mode != "greedy":
+            raise ValueError("a trace records greedy decisions: sample with --backend hf")
         if not args.trace:
             raise ValueError("--backend trace needs --trace FILE")
         trace = Trace.load(args.trace)
@@ -124,7 +138,7 @@ def bench_main(cfg: c.Config, args) -> int:
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     strategies = args.strategies.split(",")
     summary = Bench(cfg, args.backend, prompts, trace, args.max_new_tokens, [int(g) for g in args.gammas.split(",")],
-                    cfg.lookahead, strategies, out).run()
+                    cfg.lookahead, strategies, out, sampling).run()
     from .bench import format_table
 
     print(format_table(summary))

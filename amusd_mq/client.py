@@ -17,6 +17,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .config import CLIENT, load
+from .sampling import Sampling, default_mode
 from .security import load_keys, secure
 from .transport import make_socket, recv, send
 
@@ -166,17 +167,22 @@ class AsyncClient:
 
         prompt or prompt_ids=[...]; max_new_tokens; stop_token_ids=[]; ignore_eos=False; lookahead=None;
         deadline_s=None (overall limit for this request); policy="eager" ("amusd": the original verifier's
-        wait-for-two policy, for benchmarks).
+        wait-for-two policy, for benchmarks). Sampling: temperature=0.0, top_k=0 (no limit), top_p=1.0, seed=None
+        (the coordinator picks one, reported as stats["seed"]) and sampling_mode: "greedy", "seeded" (the
+        verify model's own sample for that seed, token for token) or "exact" (its output distribution); by
+        default greedy at temperature 0 and exact above.
         """
         result = GenerationResult([], "", "", [])
         return Stream(self._run(prompt, result=result, **kwargs), result)
 
     async def _run(self, prompt: str | None, *, result: GenerationResult, max_new_tokens: int,
                    prompt_ids: list[int] | None = None, stop_token_ids=(), ignore_eos: bool = False,
-                   lookahead: int | None = None, deadline_s: float | None = None,
-                   policy: str = "eager") -> AsyncIterator[Chunk]:
+                   lookahead: int | None = None, deadline_s: float | None = None, policy: str = "eager",
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                   sampling_mode: str | None = None) -> AsyncIterator[Chunk]:
         msg = _request(prompt, prompt_ids, max_new_tokens, list(stop_token_ids), ignore_eos, lookahead)
         msg.policy = policy
+        _sampling(msg, temperature, top_k, top_p, seed, sampling_mode)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[msg.req_id] = queue
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
@@ -260,6 +266,18 @@ def _request(prompt, prompt_ids, max_new_tokens, stop_token_ids, ignore_eos, loo
         raise InvalidRequestError(f"lookahead must be a positive int, not {lookahead!r}")
     return p.Generate(req_id=uuid.uuid4().hex, max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
                       stop_token_ids=stop_token_ids, ignore_eos=bool(ignore_eos), lookahead=lookahead)
+
+
+def _sampling(msg: p.Generate, temperature, top_k, top_p, seed, mode) -> None:
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (temperature, top_p)):
+        raise InvalidRequestError("temperature and top_p must be numbers")
+    if not _id(top_k) or (seed is not None and not _id(seed)):
+        raise InvalidRequestError("top_k and seed must be non-negative ints")
+    msg.temperature, msg.top_k, msg.top_p, msg.seed = float(temperature), top_k, float(top_p), seed
+    msg.sampling_mode = mode or default_mode(temperature)
+    problems = Sampling(msg.sampling_mode, msg.temperature, top_k, msg.top_p).problems()
+    if problems:
+        raise InvalidRequestError("; ".join(problems))
 
 
 def _id(value) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections import deque
@@ -19,6 +20,7 @@ from . import protocol as p
 from .config import COORDINATOR, DRAFT, VERIFY, Config
 from .detokenize import Detokenizer, unpack_tokenizer
 from .security import Gate, load_keys, secure
+from .sampling import Sampling, default_mode, proposal_problem
 from .sequence import Sequence
 from .transport import Rejects, make_socket, pub_url, recv, send
 
@@ -44,6 +46,7 @@ class Request:
     seq: Sequence
     lookahead: int
     policy: str
+    sampling: Sampling
     detok: Detokenizer
     verifier: bytes | None = None
     draft: bytes | None = None
@@ -51,6 +54,16 @@ class Request:
     progress: float = 0.0  # when its verifier was last assigned it or last committed
     stalled_at: int | None = None  # the verifier's pass count when it was last found making no progress
     resent_epoch: int = 0  # the epoch of the latest resend: verdicts of older epochs come from before it
+
+
+def requested_sampling(msg: p.Generate) -> Sampling:
+    mode = msg.sampling_mode or default_mode(msg.temperature)
+    seed = msg.seed if msg.seed is not None else secrets.randbits(63)
+    sampling = Sampling(mode, msg.temperature, msg.top_k, msg.top_p, seed if mode != "greedy" else 0)
+    problems = sampling.problems()
+    if problems:
+        raise RequestError("invalid_request", "; ".join(problems))
+    return sampling
 
 
 class RequestError(Exception):
@@ -198,6 +211,7 @@ class Coordinator:
     async def on_generate(self, identity: bytes, msg: p.Generate) -> None:
         try:
             prompt_ids, lookahead, eos = self._validate(identity, msg)
+            sampling = requested_sampling(msg)
         except RequestError as exc:
             await self._reject(identity, exc.code, str(exc), msg.req_id)
             return
@@ -205,7 +219,7 @@ class Coordinator:
         rid = uuid.uuid4().hex
         self.requests[rid] = Request(
             rid=rid, client=identity, client_req_id=msg.req_id, lookahead=lookahead, policy=msg.policy,
-            detok=Detokenizer(self.tokenizer),
+            sampling=sampling, detok=Detokenizer(self.tokenizer),
             seq=Sequence(prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
         self.by_client[(identity, msg.req_id)] = rid
         self.queue.append(rid)
@@ -312,14 +326,16 @@ class Coordinator:
         req = await self._own_request(identity, DRAFT, msg.req_id)
         if req is None:
             return
-        if req.verifier is not None and any(t >= self.workers[req.verifier].info.vocab_size for t in msg.token_ids):
-            await self._reject(identity, "invalid_proposal", "proposal with token ids outside the vocabulary",
-                               msg.req_id)
+        problem = proposal_problem(req.sampling.mode, msg.token_ids, msg.q_ids, msg.q_probs,
+                                   self.workers[identity].info.vocab_size)
+        if problem:
+            await self._reject(identity, "invalid_proposal", f"proposal refused: {problem}", msg.req_id)
             return
         start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids)
         if fresh and req.verifier is not None:
-            await send(self.router, p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh),
-                       req.verifier)
+            at = slice(start - msg.pos, start - msg.pos + len(fresh))
+            await send(self.router, p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh,
+                                              q_ids=msg.q_ids[at], q_probs=msg.q_probs[at]), req.verifier)
         if rollback:
             await self._commit(req, len(req.seq.committed), [])
 
@@ -382,7 +398,8 @@ class Coordinator:
         await send(self.router, p.Assign(
             req_id=req.rid, prompt_ids=s.prompt_ids, committed=s.committed, epoch=s.epoch,
             max_new_tokens=s.max_new_tokens, stop_token_ids=sorted(s.stop_token_ids), lookahead=req.lookahead,
-            policy=req.policy),
+            policy=req.policy, sampling_mode=req.sampling.mode, temperature=req.sampling.temperature,
+            top_k=req.sampling.top_k, top_p=req.sampling.top_p, seed=req.sampling.seed),
             identity)
 
     async def _release(self, req: Request) -> None:
@@ -396,7 +413,8 @@ class Coordinator:
     async def _finish(self, req: Request) -> None:
         if req.seq.finish_reason != "cancelled":
             await send(self.router, p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
-                                           prompt_ids=req.seq.prompt_ids, stats=req.seq.summary()), req.client)
+                                           prompt_ids=req.seq.prompt_ids,
+                                           stats={**req.seq.summary(), "seed": req.sampling.seed}), req.client)
         self.served += 1
         await self._forget(req)
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import zmq
 
 from . import protocol as p
-from .backend import Session
+from .backend import Session, propose
 from .config import DRAFT
+from .sampling import GREEDY, Sampling, sampling_of
 from .security import secure
 from .transport import make_socket, pub_url, send
 from .worker import Worker
@@ -32,7 +33,9 @@ class DraftRequest:
     lookahead: int
     max_new_tokens: int
     stop: frozenset[int]
+    sampling: Sampling = GREEDY
     guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
+    dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: each guess's q
     revision: int = 0  # bumped whenever guesses are thrown away
     done: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -87,7 +90,8 @@ class DraftWorker(Worker):
 
     def new_request(self, msg: p.Assign) -> DraftRequest:
         r = DraftRequest(rid=msg.req_id, prompt=msg.prompt_ids, committed=[], epoch=msg.epoch,
-                         lookahead=msg.lookahead, max_new_tokens=msg.max_new_tokens, stop=frozenset(msg.stop_token_ids))
+                         lookahead=msg.lookahead, max_new_tokens=msg.max_new_tokens, stop=frozenset(msg.stop_token_ids),
+                         sampling=sampling_of(msg))
         r.adopt(0, msg.committed)
         return r
 
@@ -129,9 +133,9 @@ class DraftWorker(Worker):
         if epoch > r.epoch:
             # A rollback point: guesses still standing were dropped by the coordinator, so send them again.
             r.epoch = epoch
-            ahead = r.guess[len(r.committed):]
-            if ahead:
-                await send(self.dealer, p.Propose(req_id=r.rid, epoch=epoch, pos=len(r.committed), token_ids=ahead))
+            n = len(r.committed)
+            if len(r.guess) > n:
+                await send(self.dealer, self._proposal(r, n, len(r.guess)))
 
     async def serve(self, r: DraftRequest) -> None:
         session = self.lm.session()
@@ -141,16 +145,25 @@ class DraftWorker(Worker):
                 await r.wake.wait()
                 continue
             pos, revision = len(r.guess), r.revision
-            token = await self.thread.submit(self._step, session, r.prompt + r.guess)
+            token, ids, probs = await self.thread.submit(self._step, session, r.prompt + r.guess, pos, r.sampling)
             if r.done or r.revision != revision or len(r.guess) != pos:
                 continue  # a commit overtook this step
             r.guess.append(token)
-            await send(self.dealer, p.Propose(req_id=r.rid, epoch=r.epoch, pos=pos, token_ids=[token]))
+            if ids is not None:
+                r.dists[pos] = (ids, probs)
+            await send(self.dealer, self._proposal(r, pos, pos + 1))
 
-    def _step(self, session: Session, seq: list[int]) -> int:
-        token = session.greedy(seq, 1)[0]
+    @staticmethod
+    def _proposal(r: DraftRequest, start: int, end: int) -> p.Propose:
+        """The guesses at positions [start, end), with their distributions in exact mode."""
+        dists = [r.dists[i] for i in range(start, end)] if r.sampling.mode == "exact" else []
+        return p.Propose(req_id=r.rid, epoch=r.epoch, pos=start, token_ids=r.guess[start:end],
+                         q_ids=[d[0] for d in dists], q_probs=[d[1] for d in dists])
+
+    def _step(self, session: Session, seq: list[int], pos: int, sampling: Sampling):
+        token, ids, probs = propose(session, seq, pos, sampling)
         if self.cfg.draft_delay_ms:
             time.sleep(self.cfg.draft_delay_ms / 1000)
-        if self.cfg.draft_wrong:
+        if self.cfg.draft_wrong and ids is None:
             token = (token + 1) % self.lm.vocab_size
-        return token
+        return token, ids, probs

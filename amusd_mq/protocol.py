@@ -72,6 +72,11 @@ class Generate(Message):
     ignore_eos: bool = False
     lookahead: int | None = None
     policy: str = "eager"  # or "amusd": the original's verifier, waiting for 2 proposals; for benchmarks
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None  # the coordinator picks one when absent
+    sampling_mode: str | None = None  # "greedy", "seeded" or "exact"; absent: greedy at temperature 0, else exact
 
 
 @message
@@ -178,16 +183,24 @@ class Assign(Message):
     stop_token_ids: list[int]
     lookahead: int
     policy: str
+    sampling_mode: str = "greedy"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
 
 
 @message
 class Propose(Message):
-    """Draft tokens for positions pos, pos+1, ... built on the canonical prefix of `epoch`."""
+    """Draft tokens for positions pos, pos+1, ... built on the canonical prefix of `epoch`. In exact sampling
+    mode, each token comes with the sparse distribution it was drawn from (ids and probabilities)."""
     TYPE = "propose"
     req_id: str
     epoch: int
     pos: int
     token_ids: list[int]
+    q_ids: list[list[int]] = field(default_factory=list)
+    q_probs: list[list[float]] = field(default_factory=list)
 
 
 @message

@@ -61,9 +61,13 @@ class Trace:
         return sum(sum(p.matches()) for p in self.prompts) / max(1, sum(len(p.target) for p in self.prompts))
 
 
-def trace_prompt(draft_lm, pid: str, prompt_ids: list[int], target: list[int]) -> TracedPrompt:
-    """One teacher-forced draft pass over the verify model's output gives every guess at once."""
-    return TracedPrompt(pid, prompt_ids, target, draft_lm.session().greedy(prompt_ids + target[:-1], len(target)))
+def trace_prompt(draft_lm, pid: str, prompt_ids: list[int], target: list[int], sampling=None) -> TracedPrompt:
+    """One teacher-forced draft pass over the verify model's output gives every guess at once (greedy, or
+    seeded: the same noise as the verifier's)."""
+    seq, n = prompt_ids + target[:-1], len(target)
+    if sampling is None or sampling.mode == "greedy":
+        return TracedPrompt(pid, prompt_ids, target, draft_lm.session().greedy(seq, n))
+    return TracedPrompt(pid, prompt_ids, target, sampling.choose(draft_lm.session().logits(seq, n), list(range(n))))
 
 
 def record(draft_lm, verify_lm, prompts: list[tuple[str, list[int]]], max_new_tokens: int, dtype: str,

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .backend import Session, verify_greedy
+from .backend import Session, verify
 from .config import VERIFY
+from .sampling import GREEDY, Sampling, proposal_problem, sampling_of
 from .sequence import Sequence
 from .transport import send
 from .worker import Worker
@@ -29,7 +30,9 @@ class VerifyRequest:
     seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
     lookahead: int
     policy: str = "eager"
+    sampling: Sampling = GREEDY
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
+    dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: position -> q
     epoch: int = -1
     dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
     done: bool = False
@@ -39,13 +42,15 @@ class VerifyRequest:
         self.done = True
         self.arrived.set()
 
-    def offer(self, epoch: int, pos: int, tokens: list[int]) -> None:
+    def offer(self, epoch: int, pos: int, tokens: list[int], q_ids=(), q_probs=()) -> None:
         if epoch <= self.dead_epoch or epoch < self.epoch:
             return
         if epoch > self.epoch:
             self.proposals.clear()
+            self.dists.clear()
             self.epoch = epoch
         self.proposals.update(enumerate(tokens, start=pos))
+        self.dists.update(enumerate(zip(q_ids, q_probs), start=pos))
         self.arrived.set()
 
     @property
@@ -61,14 +66,20 @@ class VerifyRequest:
             draft.append(self.proposals[n + len(draft)])
         return draft
 
+    def dists_of(self, draft: list[int]) -> list[tuple[list[int], list[float]]] | None:
+        n = len(self.seq.committed)
+        return [self.dists[n + i] for i in range(len(draft))] if self.sampling.mode == "exact" else None
+
     def settle(self, start: int, tokens: list[int]) -> None:
         """Forget proposals the commit has passed; one that contradicts it condemns its whole epoch."""
         if any(self.proposals.get(pos, t) != t for pos, t in enumerate(tokens, start=start)):
             self.dead_epoch = self.epoch
             self.proposals.clear()
+            self.dists.clear()
         else:
             for pos in range(start, start + len(tokens)):
                 self.proposals.pop(pos, None)
+                self.dists.pop(pos, None)
 
 
 class VerifyWorker(Worker):
@@ -87,23 +98,25 @@ class VerifyWorker(Worker):
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
                        stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
         return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead,
-                             policy=msg.policy, epoch=msg.epoch)
+                             policy=msg.policy, epoch=msg.epoch, sampling=sampling_of(msg))
 
     async def on_propose(self, msg: p.Propose) -> None:
         r = self.requests.get(msg.req_id)
         if r is None:
             return  # finished or released: a late proposal is harmless
-        if any(t >= self.lm.vocab_size for t in msg.token_ids):
-            self.rejects.add("invalid_proposal", "proposal with token ids outside the vocabulary")
+        problem = proposal_problem(r.sampling.mode, msg.token_ids, msg.q_ids, msg.q_probs, self.lm.vocab_size)
+        if problem:
+            self.rejects.add("invalid_proposal", f"proposal refused: {problem}")
             return
-        r.offer(msg.epoch, msg.pos, msg.token_ids)
+        r.offer(msg.epoch, msg.pos, msg.token_ids, msg.q_ids, msg.q_probs)
 
     async def serve(self, r: VerifyRequest) -> None:
         session = self.lm.session()
         while not r.done and not r.seq.done:
             draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
-            tokens, accepted, step_ms = await self.thread.submit(self._step, session, r.prompt + r.seq.committed,
-                                                                 draft)
+            tokens, accepted, step_ms = await self.thread.submit(
+                self._step, session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
+                r.dists_of(draft))
             if r.done:
                 return
             start = len(r.seq.committed)
@@ -127,9 +140,10 @@ class VerifyWorker(Worker):
             draft = r.take()
         return draft
 
-    def _step(self, session: Session, seq: list[int], draft: list[int]) -> tuple[list[int], int, float]:
+    def _step(self, session: Session, seq: list[int], draft: list[int], pos: int, sampling: Sampling,
+              q) -> tuple[list[int], int, float]:
         start = time.perf_counter()
-        tokens, accepted = verify_greedy(session, seq, draft)
+        tokens, accepted = verify(session, seq, draft, pos, sampling, q)
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)
         if self.cfg.verify_hang_after and self.thread.done >= self.cfg.verify_hang_after:

@@ -12,9 +12,11 @@ own greedy decoding.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import json
 import random
+import re
 import signal
 import statistics
 import sys
@@ -120,6 +122,10 @@ async def main() -> int:
         status = await client.status()
     print(file=sys.stderr)
     d.stop()
+    for log in d.log_dir.glob("*.log"):  # each service reports the faults it injected when it stops
+        for found in re.findall(r"message faults injected: (\{.*\})", log.read_text(errors="replace")):
+            for kind, n in ast.literal_eval(found).items():
+                figures[f"messages_{kind}"] = figures.get(f"messages_{kind}", 0) + n
     recovery = sorted(figures.pop("recovery_s"))
     figures.update(requests=args.requests, elapsed_s=round(elapsed, 1), rejected=status.rejected,
                    recovery_p50_s=round(statistics.median(recovery), 3) if recovery else 0.0,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amusd_mq import models
-from amusd_mq.backend import CausalLM, ModelThread, verify_greedy
+from amusd_mq.backend import CausalLM, ModelThread, verify
 from amusd_mq.baselines import autoregressive, speculative_sync
 
 
@@ -37,7 +37,7 @@ def test_verify_greedy_accepts_the_agreeing_prefix_plus_one(tiny_verify, referen
             draft = list(ref[:k])
             if wrong_at is not None:
                 draft[wrong_at] = (draft[wrong_at] + 1) % tiny_verify.vocab_size
-            tokens, accepted = verify_greedy(tiny_verify.session(), prompt, draft)
+            tokens, accepted = verify(tiny_verify.session(), prompt, draft)
             expect = k if wrong_at is None else wrong_at
             assert accepted == expect
             assert tokens == ref[:expect + 1]

@@ -13,6 +13,8 @@ from conftest import PROMPTS
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError
 from amusd_mq import protocol as p
+from amusd_mq.baselines import autoregressive
+from amusd_mq.sampling import Sampling
 
 pytestmark = pytest.mark.asyncio
 MAX_NEW = 24
@@ -47,6 +49,45 @@ async def test_greedy_output_is_the_verify_models_own(deploy, reference, tiny_ve
         assert accepted / proposed > 0.3 and tokens / steps > 1.3
     if speed == "draft_always_wrong":
         assert accepted / max(proposed, 1) < 0.1
+
+
+SAMPLED = [(seed, temperature, la) for seed in (1, 2) for temperature in (0.7, 1.3) for la in (1, 4)]
+
+
+async def test_seeded_output_is_the_verify_models_own_seeded_sample(deploy, tiny_verify):
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    await d.wait_ready(timeout_s=120)
+    cases = [(prompt, *case) for prompt in PROMPTS[:20] for case in SAMPLED]
+    async with AsyncClient(d.url, timeout_s=60) as client:
+        results = await asyncio.gather(*(
+            client.generate(prompt, max_new_tokens=MAX_NEW, lookahead=la, temperature=t, top_p=0.95, seed=seed,
+                            sampling_mode="seeded") for prompt, seed, t, la in cases))
+    outputs = {}
+    for (prompt, seed, t, la), r in zip(cases, results):
+        alone = autoregressive(tiny_verify, r.prompt_ids, MAX_NEW, tiny_verify.eos_token_ids,
+                               Sampling("seeded", t, top_p=0.95, seed=seed)).token_ids
+        assert r.token_ids == alone, (prompt, seed, t, la)
+        assert r.stats["seed"] == seed
+        outputs[prompt, seed, t] = r.token_ids
+    differs = [outputs[prompt, 1, t] != outputs[prompt, 2, t] for prompt in PROMPTS[:20] for t in (0.7, 1.3)]
+    assert sum(differs) > 0.8 * len(differs)  # another seed, another sample
+    assert sum(r.stats["accepted"] for r in results) > 0.3 * sum(r.stats["proposed"] for r in results)
+
+
+async def test_exact_mode_samples_through_the_services(deploy, tiny_verify):
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=60) as client:
+        results = await asyncio.gather(*(client.generate(prompt, max_new_tokens=MAX_NEW, temperature=0.8, top_k=20,
+                                                         seed=i) for i, prompt in enumerate(PROMPTS[:8])))
+        with pytest.raises(InvalidRequestError, match="top_p"):
+            await client.generate("x", max_new_tokens=4, temperature=0.8, top_p=1.5)
+        with pytest.raises(InvalidRequestError, match="temperature"):
+            await client.generate("x", max_new_tokens=4, temperature=-0.1)
+    assert all(len(r.token_ids) == MAX_NEW or r.finish_reason == "stop" for r in results)
+    # Distributions travelled with the proposals (a malformed one would be refused and accept nothing).
+    assert sum(r.stats["accepted"] for r in results) > 0.2 * sum(r.stats["proposed"] for r in results) > 0
+    # The exact distribution itself is tested in tests/test_sampling.py, through the same verify and propose.
 
 
 async def test_stream_delivers_each_committed_token_once_in_order(deploy, reference, tiny_verify):

@@ -1,0 +1,174 @@
+"""Sampling that speculation cannot change, in three modes a request chooses:
+
+- `greedy`: the argmax.
+- `seeded`: the Gumbel-max trick, argmax(logits / T + g) over the tokens top-k and top-p keep, with the noise
+  g of position i a pure function of (seed, i). The verify model's token at each position is then fixed by
+  the committed prefix and the seed alone, so draft and verifier agree exactly as in greedy decoding, and the
+  output equals the verify model's own seeded sample.
+- `exact`: speculative rejection sampling. The draft samples from its top DRAFT_TOP tokens, renormalised, and
+  sends that sparse distribution q with each token; the verifier accepts x with probability min(1, p(x)/q(x))
+  and otherwise samples the normalised residual max(p - q, 0). The output is distributed exactly as the
+  verify model's own samples, for any proposal distribution.
+
+Every random number is a 32-bit integer hash of (seed, position, stream, token) computed in int64 tensors,
+so every service draws the same ones on any device (CPU and CUDA generators differ), and a position's are
+used once: by the pass that commits it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where it's used: the client validates sampling parameters without loading it.
+
+MODES = ("greedy", "seeded", "exact")
+DRAFT_TOP = 32  # tokens in the draft's proposal distribution: sparse, so it fits in a message
+_M = 0xFFFFFFFF
+DRAFT, ACCEPT, RESIDUAL, GUMBEL = 1, 2, 3, 4  # independent random streams
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash; products stay below 2**59, so int64 arithmetic is exact on every device."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _M
+    return (x >> 16) ^ x
+
+
+def uniforms(seed: int, positions: list[int], stream: int, n: int | None = None,
+             device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniforms in (0, 1), float64: one per position, or [positions, n] with one per token id when n is given."""
+    import torch
+
+    key = _mix(torch.tensor([seed & _M], dtype=torch.int64, device=device))
+    key = _mix(key ^ (seed >> 32 & _M))
+    pos = torch.tensor(positions, dtype=torch.int64, device=device)
+    key = _mix(_mix(key ^ pos & _M) ^ pos >> 32 & _M)
+    key = _mix(key ^ stream)
+    if n is not None:
+        key = _mix(key[:, None] ^ torch.arange(n, dtype=torch.int64, device=device))
+    return (_mix(key).double() + 0.5) / 2.0 ** 32
+
+
+def _draw(weights: torch.Tensor, u: float) -> int:
+    """Inverse-CDF sample from non-negative weights (any total)."""
+    import torch
+
+    cdf = weights.double().cumsum(0)
+    return min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), len(weights) - 1)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    mode: str = "greedy"
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        """Why these parameters can't be served; empty when they can."""
+        out = []
+        if self.mode not in MODES:
+            out.append(f"sampling_mode must be one of {MODES}, not {self.mode!r}")
+        if not (self.temperature >= 0 and self.temperature != float("inf")):
+            out.append(f"temperature must be a finite number >= 0, not {self.temperature!r}")
+        elif self.mode != "greedy" and self.temperature == 0:
+            out.append(f"sampling_mode {self.mode!r} needs a temperature > 0 (temperature 0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            out.append(f"top_p must be in (0, 1], not {self.top_p!r}")
+        if self.top_k < 0:
+            out.append(f"top_k must be >= 0, not {self.top_k!r}")
+        return out
+
+    def filtered(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits / T, with -inf for every token top-k and top-p drop; [n, vocab], float64."""
+        import torch
+
+        x = logits.double() / self.temperature
+        if 0 < self.top_k < x.shape[-1]:
+            kth = x.topk(self.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p < 1:
+            probs, order = x.softmax(-1).sort(dim=-1, descending=True, stable=True)
+            drop = probs.cumsum(-1) - probs >= self.top_p  # the mass before a token already reaches top_p
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return x
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.filtered(logits).softmax(-1)
+
+    def choose(self, logits: torch.Tensor, positions: list[int]) -> list[int]:
+        """The token at each position in greedy or seeded mode, from logits [len(positions), vocab]."""
+        import torch
+
+        if self.mode == "greedy":
+            return logits.argmax(-1).tolist()
+        g = -torch.log(-torch.log(uniforms(self.seed, positions, GUMBEL, logits.shape[-1], logits.device)))
+        return (self.filtered(logits) + g).argmax(-1).tolist()
+
+    def propose(self, logits: torch.Tensor, position: int) -> tuple[int, list[int] | None, list[float] | None]:
+        """The draft's token for one position, and in exact mode the sparse distribution it was drawn from."""
+        import torch
+
+        if self.mode != "exact":
+            return self.choose(logits, [position])[0], None, None
+        top = self.probs(logits[0]).topk(min(DRAFT_TOP, logits.shape[-1]))
+        keep = top.values > 0
+        q, ids = top.values[keep], top.indices[keep]
+        q = q / q.sum()
+        token = int(ids[_draw(q, float(uniforms(self.seed, [position], DRAFT)[0]))])
+        return token, ids.tolist(), q.tolist()
+
+    def verify_exact(self, logits: torch.Tensor, draft: list[int], start: int,
+                     q: list[tuple[list[int], list[float]]]) -> tuple[list[int], int]:
+        """One exact-mode verify pass over logits [len(draft) + 1, vocab] predicting positions start, ...:
+        the accepted prefix of `draft` plus the verifier's own next token, and how many were accepted."""
+        import torch
+
+        positions = list(range(start, start + len(draft) + 1))
+        p = self.probs(logits)
+        accept = uniforms(self.seed, positions, ACCEPT).tolist()
+        resample = uniforms(self.seed, positions, RESIDUAL).tolist()
+        for i, x in enumerate(draft):
+            dense = torch.zeros_like(p[i])
+            dense[q[i][0]] = torch.tensor(q[i][1], dtype=dense.dtype, device=dense.device)
+            if accept[i] * dense[x] < p[i, x]:  # with probability min(1, p(x) / q(x))
+                continue
+            residual = (p[i] - dense).clamp(min=0)
+            return draft[:i] + [_draw(residual if residual.sum() > 0 else p[i], resample[i])], i
+        return draft + [_draw(p[len(draft)], resample[len(draft)])], len(draft)
+
+
+GREEDY = Sampling()
+
+
+def default_mode(temperature: float) -> str:
+    return "greedy" if temperature == 0 else "exact"
+
+
+def sampling_of(assign) -> Sampling:
+    """A worker's sampling for a request, from its Assign."""
+    return Sampling(assign.sampling_mode, assign.temperature, assign.top_k, assign.top_p, assign.seed)
+
+
+def proposal_problem(mode: str, tokens: list[int], q_ids: list[list[int]], q_probs: list[list[float]],
+                     vocab_size: int) -> str | None:
+    """Why a proposal can't be used, or None. Rejection sampling trusts the distributions, so they are checked."""
+    if any(t >= vocab_size for t in tokens):
+        return "token ids outside the vocabulary"
+    if mode != "exact":
+        return "distributions are only sent in exact mode" if q_ids or q_probs else None
+    if len(q_ids) != len(tokens) or len(q_probs) != len(tokens):
+        return "exact mode needs one distribution per token"
+    for token, ids, probs in zip(tokens, q_ids, q_probs):
+        if len(ids) != len(probs) or not ids or len(ids) > DRAFT_TOP or len(set(ids)) != len(ids):
+            return "a distribution's ids and probabilities don't pair up"
+        if any(t >= vocab_size for t in ids):
+            return "a distribution names token ids outside the vocabulary"
+        if any(not 0 <= x <= 1 for x in probs) or abs(sum(probs) - 1) > 1e-6:
+            return "a distribution's probabilities don't sum to 1"
+        if token not in ids or probs[ids.index(token)] <= 0:
+            return "a token has no probability in its own distribution"
+    return None
