@@ -245,12 +245,16 @@ def _ratio(a, b) -> float:
 
 
 async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str, float]:
-    """The messaging's unit costs on this deployment: one hop (half a ping round trip through the coordinator's
-    event loop, idle) and msgpack encode+decode with validation of a typical proposal, verdict and commit."""
+    """The unit costs on this deployment, idle: one hop (half a ping round trip through the coordinator's event
+    loop); msgpack encode+decode with validation of a typical proposal, verdict and commit; the event loop's
+    round trip to the model thread and back with an empty job (paid once per forward pass); and how far the
+    latency model's 3 ms step overshoots."""
     import zmq
     import zmq.asyncio
 
     from . import protocol as p
+    from .backend import ModelThread
+    from .trace import spend
     from .transport import make_socket, recv, send
 
     ctx = zmq.asyncio.Context()
@@ -273,8 +277,18 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
     for _ in range(n):
         for msg in typical:
             p.decode(p.encode(msg), max_bytes)
-    return {"hop_ms": statistics.median(rtts) / 2 * 1000,
-            "codec_us": (time.perf_counter() - start) / (n * len(typical)) * 1e6}
+    codec_us = (time.perf_counter() - start) / (n * len(typical)) * 1e6
+    thread, handoffs, overshoots = ModelThread(1), [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        await thread.submit(int)
+        handoffs.append(time.perf_counter() - start)
+    for _ in range(n // 5):
+        start = time.perf_counter()
+        spend(0.003)
+        overshoots.append(time.perf_counter() - start - 0.003)
+    return {"hop_ms": statistics.median(rtts) / 2 * 1000, "codec_us": codec_us,
+            "handoff_ms": statistics.median(handoffs) * 1000, "step_overshoot_ms": statistics.median(overshoots) * 1000}
 
 
 async def _through_services(url, ids, max_new, lookahead, policy, sampling: Sampling):
@@ -321,7 +335,9 @@ def format_table(summary: dict) -> str:
         o = summary["overheads"]
         lines += ["", f"Where the services' time goes (mean per event, on the coordinator's clock; profile: "
                       f"t_d {summary['t_d_ms']:.2f} ms, t_v(1) {summary['t_v_ms']:.2f} ms; one hop "
-                      f"{o['hop_ms']:.3f} ms, encode+decode {o['codec_us']:.1f} us per message):", "",
+                      f"{o['hop_ms']:.3f} ms, encode+decode {o['codec_us']:.1f} us per message, event loop to model "
+                      f"thread and back {o['handoff_ms']:.3f} ms per pass, an emulated 3 ms step overshoots by "
+                      f"{o['step_overshoot_ms']:.3f} ms):", "",
                   "| strategy | verify pass ms (profile) | verifier turnaround ms | draft step ms | "
                   "restart after rollback ms |", "|---|---|---|---|---|"]
         lines += [f"| {r['strategy']} | {r['verify_step_ms']:.2f} ({r['profile_verify_step_ms']:.2f}) | "

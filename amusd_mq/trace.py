@@ -61,6 +61,15 @@ class Trace:
         return sum(sum(p.matches()) for p in self.prompts) / max(1, sum(len(p.target) for p in self.prompts))
 
 
+def spend(seconds: float) -> None:
+    """Exactly `seconds` of emulated compute: time.sleep alone overshoots by ~0.1 ms, a cost the ideal doesn't
+    have, so the last stretch yields in a loop (releasing the GIL) until the deadline."""
+    deadline = time.perf_counter() + seconds
+    time.sleep(max(0.0, seconds - 0.0003))
+    while time.perf_counter() < deadline:
+        time.sleep(0)
+
+
 def trace_prompt(draft_lm, pid: str, prompt_ids: list[int], target: list[int], sampling=None) -> TracedPrompt:
     """One teacher-forced draft pass over the verify model's output gives every guess at once (greedy, or
     seeded: the same noise as the verifier's)."""
@@ -196,4 +205,4 @@ class TraceSession:
             return
         keep = reusable_prefix(self.cached, seq, n_out)
         self.cached = list(seq)
-        time.sleep(self.lm.profile.step_ms(self.lm.role, len(seq) - keep) / 1000)
+        spend(self.lm.profile.step_ms(self.lm.role, len(seq) - keep) / 1000)

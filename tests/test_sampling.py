@@ -1,12 +1,14 @@
 """Sampling modes: the noise is a pure function of (seed, position); seeded choices follow the tempered,
 truncated distribution; exact speculative sampling reproduces the verify model's distribution (chi-square,
 with a broken rule as a control); proposals and parameters are validated."""
+import asyncio
 from dataclasses import replace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from amusd_mq import AsyncClient
 from amusd_mq.backend import Session
 from amusd_mq.baselines import speculative_sync
 from amusd_mq.sampling import ACCEPT, GUMBEL, Sampling, _draw, proposal_problem, uniforms
@@ -68,6 +70,17 @@ class LM:
     def session(self) -> Session:
         return Session(self.model, torch.device("cpu"))
 
+    def save(self, path) -> str:
+        """As a model directory the services can load, with a tokenizer of one word per token id."""
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+        tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0").save_pretrained(path)
+        self.model.save_pretrained(path)
+        return str(path)
+
     def joint(self, prompt: list[int], sampling: Sampling) -> torch.Tensor:
         """P(first two generated tokens), [VOCAB, VOCAB], computed exactly."""
         first = sampling.probs(self.session().logits(prompt, 1))[0]
@@ -127,3 +140,25 @@ def test_parameters_and_proposals_are_validated():
     assert proposal_problem("exact", [2], [[1, 99]], [[0.25, 0.75]], VOCAB)  # outside the vocabulary
     assert proposal_problem("exact", [2, 1], *good, VOCAB)  # one distribution for two tokens
     assert proposal_problem("seeded", [2], *good, VOCAB) and proposal_problem("greedy", [99], [], [], VOCAB)
+
+
+@pytest.mark.asyncio
+async def test_exact_mode_through_the_services_reproduces_the_distribution(deploy, tmp_path):
+    """The same chi-square test, through real processes and sockets: each sample is one request. The verifier
+    runs the original's policy (wait for 2 proposals), so the first two tokens both pass rejection sampling."""
+    d = deploy(AMUSD_DRAFT_MODEL=DRAFT.save(tmp_path / "draft"), AMUSD_VERIFY_MODEL=VERIFY.save(tmp_path / "verify"),
+               AMUSD_VERIFY_DELAY_MS=3, AMUSD_LOG_LEVEL="WARNING")
+    await d.wait_ready(timeout_s=120)
+    counts = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    accepted = proposed = 0
+    async with AsyncClient(d.url, timeout_s=60) as client:
+        for batch in range(0, SAMPLES, 100):
+            results = await asyncio.gather(*(
+                client.generate(prompt_ids=PROMPT, max_new_tokens=3, ignore_eos=True, lookahead=2, temperature=1.0,
+                                seed=seed, policy="amusd") for seed in range(batch, batch + 100)))
+            for r in results:
+                counts[r.token_ids[0], r.token_ids[1]] += 1
+                accepted, proposed = accepted + r.stats["accepted"], proposed + r.stats["proposed"]
+    assert proposed > SAMPLES and 0.05 < accepted / proposed < 0.95  # the draft really took part
+    expected = VERIFY.joint(PROMPT, Sampling("exact", 1.0)).flatten() * SAMPLES
+    assert chi_square_p(counts.flatten(), expected) > 0.01
