@@ -199,7 +199,13 @@ async def _serve_role(role: str, cfg: c.Config) -> int:
     if role == c.COORDINATOR:
         from .coordinator import Coordinator
 
-        await Coordinator(cfg).run(stop)
+        import zmq
+
+        try:
+            await Coordinator(cfg).run(stop)
+        except (OSError, zmq.ZMQError) as exc:
+            logging.getLogger("amusd_mq").error("cannot listen at %s: %s", cfg.coordinator_url, exc)
+            return 2
         return 0
     from .backend import ModelThread
     from .draft import DraftWorker

@@ -22,7 +22,7 @@ from .detokenize import Detokenizer, unpack_tokenizer
 from .security import Gate, load_keys, secure
 from .sampling import Sampling, default_mode, proposal_problem
 from .sequence import Sequence
-from .transport import Rejects, make_socket, pub_url, recv, send
+from .transport import Rejects, ensure_free, make_socket, pub_url, recv, send
 
 log = logging.getLogger(__name__)
 MAX_LOOKAHEAD = 64
@@ -100,6 +100,8 @@ class Coordinator:
     # lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
+        ensure_free(self.cfg.coordinator_url)
+        ensure_free(pub_url(self.cfg.coordinator_url))
         gate = Gate(self.ctx, self.keys, self.rejects) if self.keys else None
         self.router.bind(self.cfg.coordinator_url)
         self.pub.bind(pub_url(self.cfg.coordinator_url))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,6 +29,22 @@ def pub_url(url: str) -> str:
     if parts.scheme in ("ipc", "inproc"):
         return url + ".pub"
     raise ValueError(f"{url}: unsupported transport {parts.scheme!r} (use tcp://, ipc:// or inproc://)")
+
+
+def ensure_free(url: str) -> None:
+    """Refuse to bind where another process listens. tcp refuses by itself; an ipc bind would silently take
+    the path over, leaving two coordinators, each with part of the clients and workers."""
+    parts = urlsplit(url)
+    if parts.scheme != "ipc":
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(parts.netloc + parts.path)
+    except OSError:
+        return  # nothing there, or a stale file from a dead process: binding replaces it
+    finally:
+        probe.close()
+    raise OSError(f"another process is already listening at {url}")
 
 
 def make_socket(ctx: zmq.asyncio.Context, kind: int, max_bytes: int) -> zmq.asyncio.Socket:

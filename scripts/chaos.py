@@ -29,6 +29,7 @@ from amusd_mq.baselines import autoregressive
 from amusd_mq.launch import Deployment
 
 WORKERS = ("verify", "verify-b", "draft", "draft-b")
+RESUBMISSIONS = 60  # a request whose coordinator restarted is submitted again every 0.5 s, this many times at most
 
 
 async def main() -> int:
@@ -58,26 +59,33 @@ async def main() -> int:
     role = {"verify": "verify", "verify-b": "verify", "draft": "draft", "draft-b": "draft",
             "coordinator": "coordinator"}
     targets = WORKERS + ("coordinator",) * args.coordinator
-    stopped: set[str] = set()
     figures = {"completed": 0, "failed_with_committed_prefix": 0, "errors": 0, "lost": 0, "duplicated": 0,
                "differing": 0, "faults": 0, "resubmitted": 0, "recovery_s": []}
 
+    busy: set[str] = set()  # one fault per service at a time: two restarts would leave two processes
+
     async def inject(name: str, delay: float) -> None:
         await asyncio.sleep(delay)
+        if name in busy:
+            return
+        busy.add(name)
+        try:
+            await strike(name)
+        finally:
+            busy.discard(name)
+
+    async def strike(name: str) -> None:
         proc = d.procs[name]
         figures["faults"] += 1
-        if name in stopped or name == "coordinator" or rng.random() < 0.5:
+        if name == "coordinator" or rng.random() < 0.5:
             proc.kill()
             proc.wait()
             await asyncio.sleep(0.5)
-            stopped.discard(name)
             d.start(role[name], name=name)  # a replacement, as a supervisor would start
         else:
             proc.send_signal(signal.SIGSTOP)
-            stopped.add(name)
             await asyncio.sleep(2.0)
             proc.send_signal(signal.SIGCONT)
-            stopped.discard(name)
 
     async def one(client: AsyncClient, i: int) -> None:
         prompt_ids = [rng.randrange(256) for _ in range(rng.randrange(3, 12))]
@@ -86,15 +94,15 @@ async def main() -> int:
             if rng.random() < args.fault_rate else None
         streamed, times = [], [time.monotonic()]
         try:
-            while True:
+            for attempt in range(RESUBMISSIONS + 1):
                 try:
                     async for chunk in client.stream(prompt_ids=prompt_ids, max_new_tokens=args.max_new_tokens):
                         streamed += chunk.token_ids
                         times.append(time.monotonic())
                     break
                 except (CoordinatorUnavailableError, NoWorkerError):
-                    if streamed != expected[:len(streamed)]:
-                        break  # counted as differing below
+                    if streamed != expected[:len(streamed)] or attempt == RESUBMISSIONS:
+                        raise
                     # What arrived was right; ask the new coordinator again, once its workers are back.
                     figures["resubmitted"] += 1
                     streamed = []

@@ -311,3 +311,14 @@ async def test_workers_are_held_to_their_role_and_their_requests(deploy, tiny_ve
     async with AsyncClient(d.url, timeout_s=30) as client:
         status = await client.status()
     assert status.rejected["wrong_role"] == 1 and status.rejected["stale"] == 1
+
+
+async def test_a_second_coordinator_refuses_an_address_in_use(deploy):
+    d = deploy(roles=("coordinator",))
+    await d.wait_ready(verifiers=0, drafts=0, timeout_s=60)
+    second = d.start("coordinator", name="second")
+    assert second.wait(timeout=30) == 2
+    assert "already listening" in d.log_tail("second")
+    d.procs.pop("second")
+    async with AsyncClient(d.url, timeout_s=5) as client:  # the first still owns the address
+        assert (await client.status()).verifiers == 0
