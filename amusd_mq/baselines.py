@@ -61,12 +61,17 @@ def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens:
     return run
 
 
-def explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], other_ids: list[int]) -> str:
-    """Where two greedy outputs part, and how close the verify model's two candidates were there."""
+def explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], other_ids: list[int],
+                       sampling: Sampling = GREEDY) -> str:
+    """Where two greedy or seeded outputs part, and how close the verify model's two candidates were there: in
+    the logits, or in seeded mode in the scores it takes the argmax of (logits / T plus the noise)."""
     at = next((i for i, (a, b) in enumerate(zip(ar_ids, other_ids)) if a != b), min(len(ar_ids), len(other_ids)))
     if at == min(len(ar_ids), len(other_ids)):
         return f"outputs differ in length after {at} equal tokens"
-    logits = lm.session().logits(prompt_ids + ar_ids[:at], 1)[0]
-    gap = (logits[ar_ids[at]] - logits[other_ids[at]]).item()
-    return (f"first difference at token {at}: the verify model's logits for the two candidates differ there by only "
+    scores = lm.session().logits(prompt_ids + ar_ids[:at], 1)
+    if sampling.mode == "seeded":
+        scores = sampling.scores(scores, [at])
+    gap = (scores[0, ar_ids[at]] - scores[0, other_ids[at]]).item()
+    what = "logits" if sampling.mode == "greedy" else "scores (logits / T plus the seeded noise)"
+    return (f"first difference at token {at}: the verify model's {what} for the two candidates differ there by only "
             f"{abs(gap):.4f}, a near-tie that {lm.model.dtype} rounding can flip; float32 rules this out")

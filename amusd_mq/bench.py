@@ -164,7 +164,7 @@ class Bench:
                 bar.update(1)
         for result in added:
             if result.identical is False and hasattr(self.verify, "model"):
-                result.difference = explain_difference(self.verify, ids, ar.token_ids, result.output)
+                result.difference = explain_difference(self.verify, ids, ar.token_ids, result.output, sampling)
 
     def _add(self, pid, strategy, ids, times, ar_ids, **counts) -> Result:
         t0 = times[0] if times else 0.0
@@ -273,11 +273,14 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
     typical = [p.Propose(req_id="0" * 32, epoch=3, pos=100, token_ids=[1234]),
                p.Verdict(req_id="0" * 32, start=100, token_ids=[1, 2, 3], proposed=3, accepted=2, epoch=3, step_ms=10.0),
                p.Commit(seq=1000, req_id="0" * 32, epoch=3, start=100, token_ids=[1, 2, 3], done=False)]
-    start = time.perf_counter()
-    for _ in range(n):
-        for msg in typical:
-            p.decode(p.encode(msg), max_bytes)
-    codec_us = (time.perf_counter() - start) / (n * len(typical)) * 1e6
+    rounds = []
+    for _ in range(10):  # the fastest round: on a shared machine the others include time on another process
+        start = time.perf_counter()
+        for _ in range(n // 10):
+            for msg in typical:
+                p.decode(p.encode(msg), max_bytes)
+        rounds.append((time.perf_counter() - start) / (n // 10 * len(typical)) * 1e6)
+    codec_us = min(rounds)
     thread, handoffs, overshoots = ModelThread(1), [], []
     for _ in range(n):
         start = time.perf_counter()
@@ -319,15 +322,19 @@ def format_table(summary: dict) -> str:
     lines = [f"| strategy | ms/token | vs ar | vs {summary['best_sd'] or 'sd'} | ideal ms/token | of ideal | "
              "acceptance | tokens/step (ideal) | verifier busy | rollbacks | wasted draft | identical |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    exact = summary["sampling"]["mode"] == "exact"  # no trace fixes an exact-mode schedule, so no ideal
     for r in summary["table"]:
         vs_sd = f"{r['speedup_vs_best_sd']:.2f}x" if r["speedup_vs_best_sd"] else "-"
+        ideal = ("-", "-", "-") if exact else (f"{r['ideal_ms_per_token']:.2f}", f"{r['of_ideal']:.2f}",
+                                               f"{r['ideal_tokens_per_step']:.2f}")
         lines.append(f"| {r['strategy']} | {r['ms_per_token']:.2f} | {r['speedup_vs_ar']:.2f}x | {vs_sd} | "
-                     f"{r['ideal_ms_per_token']:.2f} | {r['of_ideal']:.2f} | {r['acceptance']:.2f} | "
-                     f"{r['tokens_per_step']:.2f} ({r['ideal_tokens_per_step']:.2f}) | {r['verify_busy']:.2f} | "
-                     f"{r['rollbacks']} | {r['wasted_draft_tokens']} | {r['identical']} |")
+                     f"{ideal[0]} | {ideal[1]} | {r['acceptance']:.2f} | {r['tokens_per_step']:.2f} ({ideal[2]}) | "
+                     f"{r['verify_busy']:.2f} | {r['rollbacks']} | {r['wasted_draft_tokens']} | {r['identical']} |")
     b = summary["bounds"]
     lines.append("")
-    lines.append(f"alpha (teacher-forced acceptance) {summary['alpha']:.3f}, c = t_d/t_v {summary['c']:.3f}; "
+    alpha = "estimated by the seeded coupling, " if exact else ""
+    lines.append(f"alpha (teacher-forced acceptance, {alpha}per token) {summary['alpha']:.3f}, "
+                 f"c = t_d/t_v {summary['c']:.3f}; "
                  f"bounds vs ar: best sync SD {b['sync_best']:.2f}x (gamma {b['sync_best_gamma']}), "
                  f"async with enough verifiers {b['async_dsi']:.2f}x, two devices {b['two_device']:.2f}x")
     services = [r for r in summary["table"] if r["strategy"] in SERVICE_STRATEGIES]

@@ -101,12 +101,16 @@ class Sampling:
 
     def choose(self, logits: torch.Tensor, positions: list[int]) -> list[int]:
         """The token at each position in greedy or seeded mode, from logits [len(positions), vocab]."""
-        import torch
-
         if self.mode == "greedy":
             return logits.argmax(-1).tolist()
+        return self.scores(logits, positions).argmax(-1).tolist()
+
+    def scores(self, logits: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """What seeded mode takes the argmax of: the filtered logits / T plus Gumbel noise keyed by position."""
+        import torch
+
         g = -torch.log(-torch.log(uniforms(self.seed, positions, GUMBEL, logits.shape[-1], logits.device)))
-        return (self.filtered(logits) + g).argmax(-1).tolist()
+        return self.filtered(logits) + g
 
     def propose(self, logits: torch.Tensor, position: int) -> tuple[int, list[int] | None, list[float] | None]:
         """The draft's token for one position, and in exact mode the sparse distribution it was drawn from."""
