@@ -84,8 +84,6 @@ class Sampling:
 
     def filtered(self, logits: torch.Tensor) -> torch.Tensor:
         """logits / T, with -inf for every token top-k and top-p drop; [n, vocab], float64."""
-        import torch
-
         x = logits.double() / self.temperature
         if 0 < self.top_k < x.shape[-1]:
             kth = x.topk(self.top_k, dim=-1).values[..., -1:]
@@ -114,8 +112,6 @@ class Sampling:
 
     def propose(self, logits: torch.Tensor, position: int) -> tuple[int, list[int] | None, list[float] | None]:
         """The draft's token for one position, and in exact mode the sparse distribution it was drawn from."""
-        import torch
-
         if self.mode != "exact":
             return self.choose(logits, [position])[0], None, None
         top = self.probs(logits[0]).topk(min(DRAFT_TOP, logits.shape[-1]))
