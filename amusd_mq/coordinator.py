@@ -168,13 +168,13 @@ class Coordinator:
         await self._resend(req, "no progress")
 
     async def _resend(self, req: Request, why: str) -> None:
-        """Start the verifier over from the canonical state: what it holds beyond it was lost in transit."""
+        """Start the verifier over from the canonical state: what it holds beyond it was lost in transit. The
+        Assign's newer epoch makes the worker replace what it holds (no separate Release to lose or reorder)."""
         log.warning("resending request %s to its verifier: %s", req.rid, why)
-        await send(self.router, p.Release(req_id=req.rid), req.verifier)
         req.seq.resync()
         req.resent_epoch = req.seq.epoch
         await self._assign(req, req.verifier)
-        if req.draft is not None:  # its Assign may have been lost too; a worker ignores a duplicate
+        if req.draft is not None:  # its Assign may have been lost too
             await self._assign(req, req.draft)
         await self._commit(req, len(req.seq.committed), [])
 

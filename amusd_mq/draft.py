@@ -33,6 +33,7 @@ class DraftRequest:
     lookahead: int
     max_new_tokens: int
     stop: frozenset[int]
+    assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     sampling: Sampling = GREEDY
     guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: each guess's q
@@ -89,7 +90,7 @@ class DraftWorker(Worker):
         return [asyncio.create_task(self._sub_loop())]
 
     def new_request(self, msg: p.Assign) -> DraftRequest:
-        r = DraftRequest(rid=msg.req_id, prompt=msg.prompt_ids, committed=[], epoch=msg.epoch,
+        r = DraftRequest(rid=msg.req_id, prompt=msg.prompt_ids, committed=[], epoch=msg.epoch, assigned=msg.epoch,
                          lookahead=msg.lookahead, max_new_tokens=msg.max_new_tokens, stop=frozenset(msg.stop_token_ids),
                          sampling=sampling_of(msg))
         r.adopt(0, msg.committed)

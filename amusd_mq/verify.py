@@ -34,6 +34,7 @@ class VerifyRequest:
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: position -> q
     epoch: int = -1
+    assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
     done: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -98,7 +99,7 @@ class VerifyWorker(Worker):
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
                        stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
         return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead,
-                             policy=msg.policy, epoch=msg.epoch, sampling=sampling_of(msg))
+                             policy=msg.policy, epoch=msg.epoch, assigned=msg.epoch, sampling=sampling_of(msg))
 
     async def on_propose(self, msg: p.Propose) -> None:
         r = self.requests.get(msg.req_id)
@@ -122,8 +123,16 @@ class VerifyWorker(Worker):
             start = len(r.seq.committed)
             tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
             r.settle(start, tokens)
-            await send(self.dealer, p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
-                                              accepted=accepted, epoch=r.epoch, step_ms=step_ms))
+            last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft), accepted=accepted,
+                             epoch=r.epoch, step_ms=step_ms)
+            await send(self.dealer, last)
+        # Nothing follows the last verdict, so its loss would go unnoticed: repeat it until released.
+        while r.seq.done and not r.done:
+            r.arrived.clear()
+            try:
+                await asyncio.wait_for(r.arrived.wait(), self.cfg.heartbeat_s)
+            except asyncio.TimeoutError:
+                await send(self.dealer, last)
 
     async def _wait_for_two(self, r: VerifyRequest) -> list[int]:
         """The original AMUSD verifier waits until the draft is 2 ahead. Kept for comparison only (the

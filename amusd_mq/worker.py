@@ -142,8 +142,11 @@ class Worker:
         log.warning("coordinator reported %s: %s", msg.code, msg.message)
 
     async def on_assign(self, msg: p.Assign) -> None:
-        if msg.req_id in self.requests:
-            return
+        held = self.requests.get(msg.req_id)
+        if held is not None:
+            if msg.epoch <= held.assigned:
+                return  # a duplicate
+            held.release()  # resent under a newer epoch: what it holds was built on a lost message
         if any(t >= self.lm.vocab_size for t in msg.prompt_ids + msg.committed):
             self.rejects.add("invalid_assign", "assignment with token ids outside the vocabulary")
             return

@@ -14,7 +14,7 @@ from amusd_mq import AsyncClient
 
 pytestmark = pytest.mark.asyncio
 MAX_NEW = 40
-TIMEOUT_S = 1.5  # AMUSD_PROGRESS_TIMEOUT_S: how long a lost Assign or last Verdict can stall a request
+TIMEOUT_S = 1.5  # AMUSD_PROGRESS_TIMEOUT_S: how long a lost Assign can stall a request
 
 
 async def test_output_survives_dropped_duplicated_and_delayed_messages(deploy, reference, tiny_verify):
@@ -32,7 +32,7 @@ async def test_output_survives_dropped_duplicated_and_delayed_messages(deploy, r
         results = [await one(client, prompt) for prompt in prompts]
     for prompt, (ids, _) in zip(prompts, results):
         assert ids == reference(tiny_verify.tokenizer(prompt)["input_ids"], MAX_NEW), prompt
-    # A lost Assign, Release or last Verdict costs a stall timeout; a resend can be lost too, but rarely twice.
+    # A lost Assign costs a progress timeout; the resent one can be lost too, but rarely twice.
     assert max(elapsed for _, elapsed in results) < 3 * TIMEOUT_S + 2
     d.stop()
     injected = {}
