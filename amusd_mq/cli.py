@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--request-lookahead", type=int, default=None, help="override the lookahead for this request")
+    _sampling_flags(gen, seed=None)
     c.add_flags(gen, c.CLIENT)
     demo = sub.add_parser("demo", help="start all three services, generate, and compare with the verify model alone")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
@@ -39,12 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--strategies", default="ar,sd,async,amusd-policy",
                        help="any of ar, sd, async, amusd-policy")
     bench.add_argument("--out", default=None, help="results folder (default bench-results/<date-time>)")
-    bench.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    bench.add_argument("--top-k", type=int, default=0, help="0: no limit")
-    bench.add_argument("--top-p", type=float, default=1.0)
-    bench.add_argument("--sampling-mode", choices=MODES, default=None,
-                       help="default: greedy at temperature 0, else exact")
-    bench.add_argument("--seed", type=int, default=0, help="prompt i is sampled with seed + i")
+    _sampling_flags(bench, seed=0)
     c.add_flags(bench)
     rec = sub.add_parser("record-trace", help="record the draft/verify decisions of a real pair on a dataset")
     _dataset_flags(rec)
@@ -67,13 +63,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in SERVICE_ROLES:
         sys.exit(run_service(args.command, cfg))
     if args.command == "generate":
-        sys.exit(_run(_generate(cfg, args.prompt, args.max_new_tokens, args.request_lookahead)))
+        sys.exit(_run(_generate(cfg, args.prompt, max_new_tokens=args.max_new_tokens, lookahead=args.request_lookahead,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                sampling_mode=args.sampling_mode)))
     if args.command == "demo":
         sys.exit(demo_main(cfg, args.prompt, args.max_new_tokens))
     try:
         sys.exit(bench_main(cfg, args) if args.command == "bench" else record_main(cfg, args))
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _sampling_flags(parser: argparse.ArgumentParser, seed: int | None) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--sampling-mode", choices=MODES, default=None,
+                        help="greedy, seeded (the verify model's own sample for --seed) or exact (its distribution); "
+                             "default: greedy at temperature 0, else exact")
+    parser.add_argument("--seed", type=int, default=seed,
+                        help="prompt i is sampled with seed + i" if seed is not None else "default: the coordinator's pick")
 
 
 def _check_keys(cfg: c.Config, role: str) -> None:
@@ -238,11 +247,11 @@ def _load_warm(*args):
     return lm
 
 
-async def _generate(cfg: c.Config, prompt: str, max_new_tokens: int, lookahead: int | None) -> int:
+async def _generate(cfg: c.Config, prompt: str, **request) -> int:
     from .client import AmusdError
 
     try:
-        await stream_and_print(cfg, prompt, max_new_tokens=max_new_tokens, lookahead=lookahead)
+        await stream_and_print(cfg, prompt, **request)
     except AmusdError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
