@@ -11,7 +11,7 @@ import tempfile
 import time
 
 from . import config as c
-from .sampling import MODES, Sampling, default_mode
+from .sampling import MODES, requested
 
 DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
 SERVICE_ROLES = (c.COORDINATOR, c.DRAFT, c.VERIFY)
@@ -82,7 +82,8 @@ def _sampling_flags(parser: argparse.ArgumentParser, seed: int | None) -> None:
                         help="greedy, seeded (the verify model's own sample for --seed) or exact (its distribution); "
                              "default: greedy at temperature 0, else exact")
     parser.add_argument("--seed", type=int, default=seed,
-                        help="prompt i is sampled with seed + i" if seed is not None else "default: the coordinator's pick")
+                        help="prompt i is sampled with seed + i" if seed is not None else
+                        "default: the coordinator's pick")
 
 
 def _check_keys(cfg: c.Config, role: str) -> None:
@@ -127,11 +128,7 @@ def bench_main(cfg: c.Config, args) -> int:
     from .bench import Bench
     from .trace import TRACE_PREFIX, Trace
 
-    sampling = Sampling(args.sampling_mode or default_mode(args.temperature), args.temperature, args.top_k,
-                        args.top_p, args.seed)
-    problems = sampling.problems()
-    if problems:
-        raise ValueError("; ".join(problems))
+    sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
     trace = prompts = None
     if args.backend == "trace":
         if sampling.mode != "greedy":
@@ -206,9 +203,9 @@ async def _serve_role(role: str, cfg: c.Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     if role == c.COORDINATOR:
-        from .coordinator import Coordinator
-
         import zmq
+
+        from .coordinator import Coordinator
 
         try:
             await Coordinator(cfg).run(stop)

@@ -17,7 +17,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .config import CLIENT, load
-from .sampling import Sampling, default_mode
+from .sampling import requested
 from .security import load_keys, secure
 from .transport import make_socket, recv, send
 
@@ -51,7 +51,8 @@ class RequestFailedError(AmusdError):
         self.token_ids = token_ids
 
 
-ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError, "invalid_request": InvalidRequestError, "field": InvalidRequestError}
+ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError,
+          "invalid_request": InvalidRequestError, "field": InvalidRequestError}
 
 
 @dataclass
@@ -273,11 +274,12 @@ def _sampling(msg: p.Generate, temperature, top_k, top_p, seed, mode) -> None:
         raise InvalidRequestError("temperature and top_p must be numbers")
     if not _id(top_k) or (seed is not None and not _id(seed)):
         raise InvalidRequestError("top_k and seed must be non-negative ints")
-    msg.temperature, msg.top_k, msg.top_p, msg.seed = float(temperature), top_k, float(top_p), seed
-    msg.sampling_mode = mode or default_mode(temperature)
-    problems = Sampling(msg.sampling_mode, msg.temperature, top_k, msg.top_p).problems()
-    if problems:
-        raise InvalidRequestError("; ".join(problems))
+    try:
+        sampling = requested(mode, float(temperature), top_k, float(top_p), seed or 0)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    msg.temperature, msg.top_k, msg.top_p, msg.seed = sampling.temperature, top_k, sampling.top_p, seed
+    msg.sampling_mode = sampling.mode
 
 
 def _id(value) -> bool:

@@ -19,8 +19,8 @@ import zmq.asyncio
 from . import protocol as p
 from .config import COORDINATOR, DRAFT, VERIFY, Config
 from .detokenize import Detokenizer, unpack_tokenizer
+from .sampling import Sampling, proposal_problem, requested
 from .security import Gate, load_keys, secure
-from .sampling import Sampling, default_mode, proposal_problem
 from .sequence import Sequence
 from .transport import Rejects, ensure_free, make_socket, pub_url, recv, send
 
@@ -35,7 +35,8 @@ class Worker:
     info: p.Register
     last_seen: float
     request: str | None = None
-    beat: p.Heartbeat = field(default_factory=p.Heartbeat)  # the latest: is its model thread busy, and how many passes it has done
+    # The latest: whether its model thread is in a forward pass, and how many passes it has finished.
+    beat: p.Heartbeat = field(default_factory=p.Heartbeat)
 
 
 @dataclass
@@ -57,13 +58,11 @@ class Request:
 
 
 def requested_sampling(msg: p.Generate) -> Sampling:
-    mode = msg.sampling_mode or default_mode(msg.temperature)
     seed = msg.seed if msg.seed is not None else secrets.randbits(63)
-    sampling = Sampling(mode, msg.temperature, msg.top_k, msg.top_p, seed if mode != "greedy" else 0)
-    problems = sampling.problems()
-    if problems:
-        raise RequestError("invalid_request", "; ".join(problems))
-    return sampling
+    try:
+        return requested(msg.sampling_mode, msg.temperature, msg.top_k, msg.top_p, seed)
+    except ValueError as exc:
+        raise RequestError("invalid_request", str(exc)) from None
 
 
 class RequestError(Exception):
@@ -198,8 +197,9 @@ class Coordinator:
         verifiers = self._verifiers()
         ref = verifiers[0].info if verifiers else None
         await send(self.router, p.Welcome(
-            instance=self.instance, verifiers=len(verifiers), drafts=len(self._drafts()), vocab_size=ref.vocab_size if ref else 0,
-            max_context=ref.max_context if ref else 0, eos_token_ids=ref.eos_token_ids if ref else []), identity)
+            instance=self.instance, verifiers=len(verifiers), drafts=len(self._drafts()),
+            vocab_size=ref.vocab_size if ref else 0, max_context=ref.max_context if ref else 0,
+            eos_token_ids=ref.eos_token_ids if ref else []), identity)
 
     async def on_ping(self, identity: bytes, msg: p.Ping) -> None:
         await send(self.router, p.Pong(instance=self.instance), identity)

@@ -144,8 +144,15 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def default_mode(temperature: float) -> str:
-    return "greedy" if temperature == 0 else "exact"
+def requested(mode: str | None, temperature: float, top_k: int, top_p: float, seed: int) -> Sampling:
+    """Sampling as a request asks for it: no mode means greedy at temperature 0, else exact. Raises ValueError
+    naming every parameter that can't be served."""
+    mode = mode or ("greedy" if temperature == 0 else "exact")
+    sampling = Sampling(mode, temperature, top_k, top_p, seed if mode != "greedy" else 0)
+    problems = sampling.problems()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return sampling
 
 
 def sampling_of(assign) -> Sampling:

@@ -43,6 +43,15 @@ class VerifyRequest:
         self.done = True
         self.arrived.set()
 
+    async def wait(self, timeout_s: float) -> bool:
+        """Until a proposal arrives or the request is released: False if timeout_s passes first."""
+        self.arrived.clear()
+        try:
+            await asyncio.wait_for(self.arrived.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     def offer(self, epoch: int, pos: int, tokens: list[int], q_ids=(), q_probs=()) -> None:
         if epoch <= self.dead_epoch or epoch < self.epoch:
             return
@@ -113,6 +122,7 @@ class VerifyWorker(Worker):
 
     async def serve(self, r: VerifyRequest) -> None:
         session = self.lm.session()
+        last = None
         while not r.done and not r.seq.done:
             draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
             tokens, accepted, step_ms = await self.thread.submit(
@@ -127,11 +137,8 @@ class VerifyWorker(Worker):
                              epoch=r.epoch, step_ms=step_ms)
             await send(self.dealer, last)
         # Nothing follows the last verdict, so its loss would go unnoticed: repeat it until released.
-        while r.seq.done and not r.done:
-            r.arrived.clear()
-            try:
-                await asyncio.wait_for(r.arrived.wait(), self.cfg.heartbeat_s)
-            except asyncio.TimeoutError:
+        while last is not None and r.seq.done and not r.done:
+            if not await r.wait(self.cfg.heartbeat_s):
                 await send(self.dealer, last)
 
     async def _wait_for_two(self, r: VerifyRequest) -> list[int]:
@@ -141,10 +148,7 @@ class VerifyWorker(Worker):
         draft = r.take()
         deadline = time.monotonic() + self.cfg.heartbeat_expiry_s
         while len(draft) < min(2, r.room) and not r.done:
-            r.arrived.clear()
-            try:
-                await asyncio.wait_for(r.arrived.wait(), deadline - time.monotonic())
-            except asyncio.TimeoutError:
+            if not await r.wait(deadline - time.monotonic()):
                 break
             draft = r.take()
         return draft

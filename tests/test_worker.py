@@ -77,7 +77,8 @@ async def test_verify_worker_rejects_garbage_and_keeps_serving(harness, referenc
     assert reg.role == "verify" and reg.tokenizer
     await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5))
     for junk in (b"\xc1junk", msgpack.packb({"v": 7, "t": "assign"}), msgpack.packb({"v": 1, "t": "nope"}),
-                 p.encode(p.Welcome(instance="i", verifiers=0, drafts=0, vocab_size=1, max_context=1, eos_token_ids=[])),
+                 p.encode(p.Welcome(instance="i", verifiers=0, drafts=0, vocab_size=1, max_context=1,
+                                    eos_token_ids=[])),
                  p.encode(assign(req_id="bad", prompt_ids=[10**6]))):
         await coordinator.send(identity, junk)
     await coordinator.send(identity, assign())

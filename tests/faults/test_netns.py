@@ -47,7 +47,8 @@ class Hosts:
 def hosts():
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
-    if shutil.which("ip") is None or subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode:
+    netns = shutil.which("ip") and subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
+    if not netns or netns.returncode:
         pytest.skip("`ip netns` (iproute2) is not available")
     tag = uuid.uuid4().hex[:6]  # unique names: tests may run side by side
     h = Hosts(f"amq-{tag}-a", f"amq-{tag}-b", f"amq{tag}b")
