@@ -3,14 +3,17 @@ from .client import (
                      AmusdError,
                      AsyncClient,
                      Chunk,
+                     ClientClosedError,
                      CoordinatorUnavailableError,
                      GenerationResult,
                      InvalidRequestError,
                      NoWorkerError,
+                     OverloadedError,
                      RequestFailedError,
                      RequestTimeoutError,
 )
 from .protocol import PROTOCOL_VERSION
 
-__all__ = ["AsyncClient", "Chunk", "GenerationResult", "AmusdError", "CoordinatorUnavailableError", "NoWorkerError",
-           "InvalidRequestError", "RequestFailedError", "RequestTimeoutError", "PROTOCOL_VERSION"]
+__all__ = ["AsyncClient", "Chunk", "GenerationResult", "AmusdError", "ClientClosedError", "CoordinatorUnavailableError",
+           "NoWorkerError", "InvalidRequestError", "OverloadedError", "RequestFailedError", "RequestTimeoutError",
+           "PROTOCOL_VERSION"]

@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import queue
 import threading
-import zlib
 
 import torch
 
 from . import models
 from .sampling import GREEDY, Sampling
+from .vocab import TRACE_PREFIX, tokenizer_hash
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -20,7 +18,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_model(name: str, role: str, device: str, dtype: str, cache_dir: str | None, trace_compute: str):
     """A real model, or with a `trace:FILE` name, a TraceLM replaying that trace."""
-    from .trace import TRACE_PREFIX, TraceLM
+    from .trace import TraceLM
 
     if name.startswith(TRACE_PREFIX):
         return TraceLM(name, role, trace_compute, device, dtype)
@@ -49,12 +47,7 @@ class CausalLM:
         self.session().greedy(list(range(8)), 2)
 
     def vocab_hash(self) -> str:
-        """Identifies the token-id mapping: draft and verify must agree on it."""
-        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
-
-    def packed_tokenizer(self) -> bytes:
-        return zlib.compress(self.tokenizer.backend_tokenizer.to_str().encode(), 6)
+        return tokenizer_hash(self.tokenizer.backend_tokenizer)
 
     def session(self) -> "Session":
         return Session(self.model, self.device)

@@ -126,7 +126,8 @@ def bench_main(cfg: c.Config, args) -> int:
     from pathlib import Path
 
     from .bench import Bench
-    from .trace import TRACE_PREFIX, Trace
+    from .trace import Trace
+    from .vocab import TRACE_PREFIX
 
     sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
     trace = prompts = None
@@ -198,42 +199,42 @@ async def _service(role: str, cfg: c.Config) -> int:
 
 
 async def _serve_role(role: str, cfg: c.Config) -> int:
+    """A service's exit code: 0 when stopped by a signal, 2 when it can't serve as configured, 1 when a core
+    task failed (logged with its traceback), so that a supervisor restarts it."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if role == c.COORDINATOR:
-        import zmq
+    log = logging.getLogger("amusd_mq")
+    try:
+        if role == c.COORDINATOR:
+            from .coordinator import Coordinator
 
-        from .coordinator import Coordinator
-
-        try:
             await Coordinator(cfg).run(stop)
-        except (OSError, zmq.ZMQError) as exc:
-            logging.getLogger("amusd_mq").error("cannot listen at %s: %s", cfg.coordinator_url, exc)
-            return 2
-        return 0
+        else:
+            await _work(role, cfg, stop)
+    except c.ConfigurationError as exc:
+        log.error("%s", exc)
+        return 2
+    except Exception:
+        log.exception("the %s service failed; exiting so that it can be restarted", role)
+        return 1
+    return 0
+
+
+async def _work(role: str, cfg: c.Config, stop: asyncio.Event) -> None:
     from .backend import ModelThread
     from .draft import DraftWorker
+    from .tasks import first_to_end
     from .verify import VerifyWorker
-    from .worker import FatalWorkerError
 
     name, device = (cfg.draft_model, cfg.draft_device) if role == c.DRAFT else (cfg.verify_model, cfg.verify_device)
     thread = ModelThread(cfg.threads)
-    loading = thread.submit(_load_warm, name, role, device, cfg.dtype, cfg.cache_dir, cfg.trace_compute)
-    waiting = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({loading, waiting}, return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        return 0
-    waiting.cancel()
-    lm = loading.result()
-    worker = (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, lm, thread)
-    try:
-        await worker.run(stop)
-    except FatalWorkerError as exc:
-        logging.getLogger("amusd_mq").error("%s", exc)
-        return 2
-    return 0
+    loading = await first_to_end(stop, [thread.submit(_load_warm, name, role, device, cfg.dtype, cfg.cache_dir,
+                                                      cfg.trace_compute)])
+    if loading is None:
+        return
+    await (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, loading.result(), thread).run(stop)
 
 
 def _load_warm(*args):

@@ -1,8 +1,10 @@
 """The async Python client. One DEALER socket, any number of concurrent requests over it.
 
-The coordinator's silence is bounded: while a request waits the client pings, and `timeout_s` without a
-word from the coordinator raises instead of hanging (Lazy Pirate, without blind resends: a greedy
-request can simply be submitted again).
+Both sides watch each other. While requests are in flight the client pings every heartbeat the coordinator
+names in its `welcome`; a client silent for the coordinator's liveness window has its requests cancelled.
+`timeout_s` without a word from the coordinator raises instead of hanging (Lazy Pirate, without blind
+resends: a greedy request can simply be submitted again). `close()`, and a stream abandoned before its end,
+cancel their requests. Every error a caller sees is an AmusdError.
 """
 from __future__ import annotations
 
@@ -42,6 +44,15 @@ class RequestTimeoutError(AmusdError, TimeoutError):
     """The request's deadline passed before it finished."""
 
 
+class OverloadedError(AmusdError):
+    """Refused for load: the coordinator's queue is full, or this client has as many requests in flight as it
+    may. Nothing was generated; try again later."""
+
+
+class ClientClosedError(AmusdError):
+    """The client's connection is gone: close() was called, or reading from it failed."""
+
+
 class RequestFailedError(AmusdError):
     """The request failed mid-way. `token_ids` holds what had been committed, all of it correct."""
 
@@ -52,7 +63,9 @@ class RequestFailedError(AmusdError):
 
 
 ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError,
-          "invalid_request": InvalidRequestError, "field": InvalidRequestError}
+          "invalid_request": InvalidRequestError, "field": InvalidRequestError, "queue_full": OverloadedError,
+          "too_many_requests": OverloadedError}
+CANCEL_LINGER_MS = 200  # how long close() gives its cancels to leave when the coordinator is slow to take them
 
 
 @dataclass
@@ -85,8 +98,9 @@ class AsyncClient:
         self._sock: zmq.asyncio.Socket | None = None
         self._streams: dict[str, asyncio.Queue] = {}
         self._control: asyncio.Queue = asyncio.Queue()
-        self._reader: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self._last_heard = 0.0
+        self._closed: ClientClosedError | None = None  # why no request can be sent any more
         self.welcome: p.Welcome | None = None
 
     async def __aenter__(self) -> "AsyncClient":
@@ -100,29 +114,62 @@ class AsyncClient:
         self._sock = make_socket(self._ctx, zmq.DEALER, self.max_bytes)
         secure(self._sock, self.keys)
         self._sock.connect(self.url)
-        self._reader = asyncio.create_task(self._read())
+        self._tasks.append(asyncio.create_task(self._read()))
         try:
             self.welcome = await self._ask(p.Hello(), p.Welcome)
         except BaseException:
             await self.close()  # a context left with an open socket would hang the process at exit
             raise
+        self._tasks.append(asyncio.create_task(self._heartbeat()))
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        """Cancel every request in flight, so its workers serve others at once, and close the connection."""
+        if self._closed is not None and self._ctx.closed:
+            return
+        in_flight = list(self._streams)
+        self._fail_all(ClientClosedError("the client was closed"))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for req_id in in_flight:
+            await self._cancel(req_id)
         if self._sock is not None:
-            self._sock.close()
+            self._sock.close(linger=CANCEL_LINGER_MS if in_flight else 0)
         self._ctx.term()
+
+    async def _cancel(self, req_id: str) -> None:
+        """Tell the coordinator to drop a request, as long as the socket is open: the workers are freed at once.
+        Otherwise the coordinator drops the requests of a client gone silent, within its liveness window."""
+        if self._sock is not None and not self._sock.closed:
+            try:
+                await send(self._sock, p.Cancel(req_id=req_id))
+            except zmq.ZMQError:
+                pass
+
+    def _fail_all(self, error: ClientClosedError) -> None:
+        """No request can be sent or answered any more: every waiter raises `error` now."""
+        self._closed = self._closed or error
+        for queue in (*self._streams.values(), self._control):
+            queue.put_nowait(error)
 
     async def status(self) -> p.StatusReply:
         return await self._ask(p.Status(), p.StatusReply)
 
+    async def _send(self, msg: p.Message) -> None:
+        if self._closed is not None:
+            raise self._closed
+        try:
+            await send(self._sock, msg)
+        except zmq.ZMQError as exc:
+            raise ClientClosedError(f"the client's connection failed: {exc}") from None
+
     async def _ask(self, msg: p.Message, reply: type) -> p.Message:
-        await send(self._sock, msg)
+        await self._send(msg)
         try:
             while True:
                 got = await asyncio.wait_for(self._control.get(), self.timeout_s)
+                if isinstance(got, AmusdError):
+                    raise got
                 if isinstance(got, reply):
                     return got
                 if isinstance(got, p.Error):
@@ -142,19 +189,29 @@ class AsyncClient:
                                      message="the coordinator restarted and lost the request; submit it again"))
 
     async def _read(self) -> None:
+        try:
+            while True:
+                try:
+                    _, msg = await recv(self._sock, self.max_bytes, routed=False)
+                except p.ProtocolError:
+                    continue  # a garbled frame can't be routed to a request; its request times out instead
+                self._last_heard = time.monotonic()
+                if isinstance(msg, p.Pong) and self.welcome is not None and msg.instance != self.welcome.instance:
+                    self._restarted(msg.instance)
+                req_id = getattr(msg, "req_id", None)
+                if req_id in self._streams:
+                    self._streams[req_id].put_nowait(msg)
+                elif isinstance(msg, (p.Welcome, p.StatusReply)) or (isinstance(msg, p.Error) and req_id is None):
+                    self._control.put_nowait(msg)
+        except Exception as exc:  # whatever it was, nobody would hear from the coordinator again
+            self._fail_all(ClientClosedError(f"the client stopped reading its connection: {exc!r}"))
+            raise
+
+    async def _heartbeat(self) -> None:
         while True:
-            try:
-                _, msg = await recv(self._sock, self.max_bytes, routed=False)
-            except p.ProtocolError:
-                continue  # a garbled frame can't be routed to a request; its request times out instead
-            self._last_heard = time.monotonic()
-            if isinstance(msg, p.Pong) and self.welcome is not None and msg.instance != self.welcome.instance:
-                self._restarted(msg.instance)
-            req_id = getattr(msg, "req_id", None)
-            if req_id in self._streams:
-                self._streams[req_id].put_nowait(msg)
-            elif isinstance(msg, (p.Welcome, p.StatusReply)) or (isinstance(msg, p.Error) and req_id is None):
-                self._control.put_nowait(msg)
+            await asyncio.sleep(self.welcome.heartbeat_s)
+            if self._streams:
+                await self._send(p.Ping())
 
     async def generate(self, prompt: str | None = None, **kwargs) -> GenerationResult:
         """Generate to completion. Arguments as for stream()."""
@@ -190,7 +247,7 @@ class AsyncClient:
         received = 0
         finished = False
         try:
-            await send(self._sock, msg)
+            await self._send(msg)
             self._last_heard = time.monotonic()
             while True:
                 reply = await self._next(queue, deadline)
@@ -212,28 +269,31 @@ class AsyncClient:
                         raise RequestFailedError(f"{reply.code}: {reply.message}", reply.code, reply.token_ids)
                     raise ERRORS[reply.code](reply.message)
         finally:
-            self._streams.pop(msg.req_id, None)
-            if not finished and not self._sock.closed:
-                await send(self._sock, p.Cancel(req_id=msg.req_id))
+            if self._streams.pop(msg.req_id, None) is not None and not finished:
+                await self._cancel(msg.req_id)  # abandoned: closed early, broken out of, collected, or failed
 
     async def _next(self, queue: asyncio.Queue, deadline: float | None) -> p.Message:
-        """The next message for a request; pings while waiting, raises when the coordinator is silent."""
+        """The next message for a request; raises when the coordinator is silent or the client closed."""
         interval = self.timeout_s / 4
         while True:
             wait = interval if deadline is None else min(interval, deadline - time.monotonic())
             if wait <= 0:
                 raise RequestTimeoutError("the request's deadline passed before it finished")
             try:
-                return await asyncio.wait_for(queue.get(), wait)
+                got = await asyncio.wait_for(queue.get(), wait)
             except asyncio.TimeoutError:
                 if time.monotonic() - self._last_heard > self.timeout_s:
                     raise CoordinatorUnavailableError(
                         f"the coordinator at {self.url} has been silent for {self.timeout_s:g}s") from None
-                await send(self._sock, p.Ping())
+                continue
+            if isinstance(got, AmusdError):
+                raise got
+            return got
 
 
 class Stream:
-    """An async iterator of Chunks; `result` fills in as they arrive and is complete at the end."""
+    """An async iterator of Chunks; `result` fills in as they arrive and is complete at the end. Leaving it before
+    the end cancels the request: at once with `aclose()` or at the end of `async with`, else when it is dropped."""
 
     def __init__(self, chunks: AsyncIterator[Chunk], result: GenerationResult):
         self._chunks = chunks
@@ -247,6 +307,12 @@ class Stream:
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
+
+    async def __aenter__(self) -> "Stream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
 
 def _request(prompt, prompt_ids, max_new_tokens, stop_token_ids, ignore_eos, lookahead) -> p.Generate:

@@ -13,6 +13,11 @@ WORKERS = (DRAFT, VERIFY)
 SERVICES = (COORDINATOR, DRAFT, VERIFY)
 
 
+class ConfigurationError(Exception):
+    """A service can't serve as configured (it can't listen, or the coordinator refused it): restarting it
+    unchanged would not help, so it exits with code 2."""
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -35,8 +40,8 @@ SETTINGS = (
             "The coordinator's ROUTER address; its PUB socket is on the next port (ipc: path + '.pub').", ALL),
     Setting("draft_model", "qwen2.5-coder-0.5b-instruct", "Draft model: alias, local directory or HF hub id.",
             (DRAFT,)),
-    Setting("verify_model", "qwen2.5-coder-1.5b-instruct", "Verify model: alias, local directory or HF hub id.",
-            (VERIFY,)),
+    Setting("verify_model", "qwen2.5-coder-1.5b-instruct", "Verify model: alias, local directory or HF hub id. The "
+            "coordinator loads its tokenizer and admits only workers with the same vocabulary.", (COORDINATOR, VERIFY)),
     Setting("draft_device", "cpu", "Torch device of the draft model (cpu, cuda:N).", (DRAFT,)),
     Setting("verify_device", "cpu", "Torch device of the verify model (cpu, cuda:N).", (VERIFY,)),
     Setting("dtype", "bfloat16", "Model dtype: float32, bfloat16 or float16.", WORKERS),
@@ -45,7 +50,11 @@ SETTINGS = (
     Setting("threads", 0, "Torch CPU threads per worker (0: torch's default).", WORKERS),
     Setting("heartbeat_s", 1.0, "Heartbeat interval between the coordinator and workers, in seconds.", ALL),
     Setting("liveness", 5, "Heartbeats missed before a peer is declared dead.", ALL),
-    Setting("max_message_bytes", 16 << 20, "Largest frame any socket accepts; larger ones are rejected.", ALL),
+    Setting("max_message_bytes", 4 << 20, "Largest frame any socket accepts; larger ones are rejected.", ALL),
+    Setting("max_queue", 1024, "Most requests waiting for a verifier, all clients together; more are refused "
+            "(queue_full).", (COORDINATOR,)),
+    Setting("max_client_requests", 256, "Most requests one client connection may have in flight; more are refused "
+            "(too_many_requests). Clients take turns in the queue.", (COORDINATOR,)),
     Setting("curve_secret_key", "", "CURVE: this service's or client's secret key file (amusd-mq keygen); empty: "
             "no encryption or authentication.", ALL),
     Setting("curve_server_key", "", "CURVE: the coordinator's public key file.", (DRAFT, VERIFY, CLIENT)),
@@ -57,7 +66,7 @@ SETTINGS = (
             (COORDINATOR,)),
     Setting("timeout_s", 60.0, "Client: seconds of silence from the coordinator before a request fails.",
             (CLIENT,)),
-    Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", WORKERS),
+    Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", SERVICES),
     Setting("log_level", "INFO", "Python logging level.", ALL),
     Setting("trace_compute", "latency:profile.json",
             "For trace:FILE models: latency:PROFILE.json (sleeps) or shape:DRAFT,VERIFY (random-weight forwards, "
@@ -91,6 +100,8 @@ class Config:
     heartbeat_s: float
     liveness: int
     max_message_bytes: int
+    max_queue: int
+    max_client_requests: int
     curve_secret_key: str
     curve_server_key: str
     curve_allow_dir: str
@@ -114,6 +125,7 @@ class Config:
         checks = {
             "lookahead": self.lookahead >= 1, "threads": self.threads >= 0, "heartbeat_s": self.heartbeat_s > 0,
             "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
+            "max_queue": self.max_queue >= 1, "max_client_requests": self.max_client_requests >= 1,
             "timeout_s": self.timeout_s > 0, "failover_s": self.failover_s >= 0,
             "draft_delay_ms": self.draft_delay_ms >= 0, "verify_delay_ms": self.verify_delay_ms >= 0,
             "progress_timeout_s": self.progress_timeout_s > 0, "fault_delay_ms": self.fault_delay_ms >= 0,

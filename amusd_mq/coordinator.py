@@ -10,23 +10,29 @@ import logging
 import secrets
 import time
 import uuid
-from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from . import protocol as p
-from .config import COORDINATOR, DRAFT, VERIFY, Config
-from .detokenize import Detokenizer, unpack_tokenizer
+from . import vocab
+from .admission import Admission, Refused
+from .config import COORDINATOR, DRAFT, VERIFY, Config, ConfigurationError
+from .detokenize import Detokenizer
 from .sampling import Sampling, proposal_problem, requested
 from .security import Gate, load_keys, secure
 from .sequence import Sequence
+from .tasks import TaskEnded, first_to_end
 from .transport import Rejects, ensure_free, make_socket, pub_url, recv, send
 
 log = logging.getLogger(__name__)
 MAX_LOOKAHEAD = 64
 POLICIES = ("eager", "amusd")
+# A prompt longer than the context at this many UTF-8 bytes per token can't fit, and is refused before it is
+# tokenized: tokenizing costs about 2 s per MiB, which a few megabytes from one client would make a stall.
+MAX_PROMPT_BYTES_PER_TOKEN = 16
 
 
 @dataclass
@@ -56,6 +62,26 @@ class Request:
     stalled_at: int | None = None  # the verifier's pass count when it was last found making no progress
     resent_epoch: int = 0  # the epoch of the latest resend: verdicts of older epochs come from before it
 
+    @property
+    def key(self) -> tuple[bytes, str]:
+        """How its client names it."""
+        return self.client, self.client_req_id
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A request let in, with what was checked before its prompt is tokenized."""
+    client: bytes
+    msg: p.Generate
+    rid: str
+    info: p.Register  # the serving verify model's registration
+    lookahead: int
+    sampling: Sampling
+
+    @property
+    def key(self) -> tuple[bytes, str]:
+        return self.client, self.msg.req_id
+
 
 def requested_sampling(msg: p.Generate) -> Sampling:
     seed = msg.seed if msg.seed is not None else secrets.randbits(63)
@@ -82,14 +108,16 @@ class Coordinator:
         secure(self.pub, self.keys)
         self.workers: dict[bytes, Worker] = {}
         self.requests: dict[str, Request] = {}
-        self.by_client: dict[tuple[bytes, str], str] = {}
-        self.queue: deque[str] = deque()
+        self.by_client: dict[tuple[bytes, str], str] = {}  # every admitted request, tokenizing ones included
+        self.tokenizing: dict[str, asyncio.Task] = {}
+        self.clients: dict[bytes, float] = {}  # when each client with requests in flight was last heard
+        self.admission = Admission(cfg.max_queue, cfg.max_client_requests)
         self.rejects = Rejects()
         self.pub_seq = 0
         self.instance = uuid.uuid4().hex
-        self.served = 0
-        self.tokenizer = None
-        self.vocab_hash: str | None = None
+        self.served = self.cancelled = self.clients_lost = 0
+        self.vocab: vocab.Vocabulary | None = None  # loaded from the configuration when run starts
+        self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.handlers = {
             p.Hello: self.on_hello, p.Ping: self.on_ping, p.Status: self.on_status, p.Generate: self.on_generate,
             p.Cancel: self.on_cancel, p.Register: self.on_register, p.Heartbeat: self.on_heartbeat,
@@ -99,27 +127,40 @@ class Coordinator:
     # lifecycle
 
     async def run(self, stop: asyncio.Event) -> None:
-        ensure_free(self.cfg.coordinator_url)
-        ensure_free(pub_url(self.cfg.coordinator_url))
+        """Serve until stopped. Raises ConfigurationError when it can't listen, and whatever ends a core task."""
+        self._listen(bind=False)
+        log.info("loading the vocabulary of %s", self.cfg.verify_model)
+        loaded = await first_to_end(stop, [asyncio.to_thread(vocab.load, self.cfg.verify_model, self.cfg.cache_dir)])
+        if loaded is None:
+            return
+        self.vocab = loaded.result()
         gate = Gate(self.ctx, self.keys, self.rejects) if self.keys else None
-        self.router.bind(self.cfg.coordinator_url)
-        self.pub.bind(pub_url(self.cfg.coordinator_url))
+        self._listen(bind=True)
         log.info("coordinator listening on %s (pub %s)", self.cfg.coordinator_url, pub_url(self.cfg.coordinator_url))
-        tasks = [asyncio.create_task(self._serve()), asyncio.create_task(self._tick())]
-        if gate:
-            tasks.append(asyncio.create_task(gate.count_refusals(self.router)))
         try:
-            await stop.wait()
+            ended = await first_to_end(stop, [self._serve(), self._tick()] + ([gate.count_refusals(self.router)]
+                                                                             if gate else []))
+            if ended is not None:
+                raise TaskEnded(f"{ended.get_coro().__qualname__} stopped")
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for req in list(self.requests.values()):
-                await self._fail(req, "shutdown", "the coordinator is shutting down")
+            for key in list(self.by_client):
+                await self._fail(key, "shutdown", "the coordinator is shutting down")
+            self.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
             self.router.close()
             self.pub.close()
             if gate:
                 gate.stop()
+
+    def _listen(self, bind: bool) -> None:
+        """Check that the ROUTER's and the PUB's addresses are free, or bind them: ConfigurationError if taken."""
+        for sock, url in ((self.router, self.cfg.coordinator_url), (self.pub, pub_url(self.cfg.coordinator_url))):
+            try:
+                if bind:
+                    sock.bind(url)
+                else:
+                    ensure_free(url)
+            except (OSError, zmq.ZMQError) as exc:
+                raise ConfigurationError(f"cannot listen at {url}: {exc}") from None
 
     async def _serve(self) -> None:
         while True:
@@ -128,6 +169,8 @@ class Coordinator:
             except p.ProtocolError as exc:
                 await self._reject(getattr(exc, "identity", None), exc.kind, str(exc))
                 continue
+            if identity in self.clients:
+                self.clients[identity] = time.monotonic()
             handler = self.handlers.get(type(msg))
             if handler is None:
                 await self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator")
@@ -150,10 +193,16 @@ class Coordinator:
                     await send(self.router, p.Heartbeat(), w.identity)
             for req in list(self.requests.values()):
                 if req.orphaned is not None and now - req.orphaned > self.cfg.failover_s:
-                    await self._fail(req, "worker_lost", f"its verify worker was lost and no other took over "
-                                                         f"within {self.cfg.failover_s:g}s")
+                    await self._fail(req.key, "worker_lost", f"its verify worker was lost and no other took over "
+                                                             f"within {self.cfg.failover_s:g}s")
                 elif req.verifier is not None and now - req.progress > self.cfg.progress_timeout_s:
                     await self._stalled(req)
+            # Checked once a heartbeat: one beat short of the window, so a silent client's requests are freed
+            # within the liveness window of its last message.
+            silent = max(self.cfg.heartbeat_s, self.cfg.heartbeat_expiry_s - self.cfg.heartbeat_s)
+            for client, seen in list(self.clients.items()):
+                if now - seen > silent:
+                    await self._client_lost(client)
 
     async def _stalled(self, req: Request) -> None:
         """No commit for a while: a forward pass that never ends is a dead verifier; otherwise a message was
@@ -199,35 +248,71 @@ class Coordinator:
         await send(self.router, p.Welcome(
             instance=self.instance, verifiers=len(verifiers), drafts=len(self._drafts()),
             vocab_size=ref.vocab_size if ref else 0, max_context=ref.max_context if ref else 0,
-            eos_token_ids=ref.eos_token_ids if ref else []), identity)
+            eos_token_ids=ref.eos_token_ids if ref else [], heartbeat_s=self.cfg.heartbeat_s), identity)
 
     async def on_ping(self, identity: bytes, msg: p.Ping) -> None:
         await send(self.router, p.Pong(instance=self.instance), identity)
 
     async def on_status(self, identity: bytes, msg: p.Status) -> None:
         await send(self.router, p.StatusReply(
-            verifiers=len(self._verifiers()), drafts=len(self._drafts()), queued=len(self.queue),
+            verifiers=len(self._verifiers()), drafts=len(self._drafts()), queued=self.admission.waiting,
             active=sum(1 for r in self.requests.values() if r.verifier), rejected=dict(self.rejects.counts),
-            served=self.served), identity)
+            served=self.served, cancelled=self.cancelled, clients_lost=self.clients_lost), identity)
 
     async def on_generate(self, identity: bytes, msg: p.Generate) -> None:
+        """Admit a request. A text prompt is tokenized on another thread, so that neither the event loop nor
+        this receive loop waits for it."""
         try:
-            prompt_ids, lookahead, eos = self._validate(identity, msg)
+            info, lookahead = self._validate(identity, msg)
             sampling = requested_sampling(msg)
-        except RequestError as exc:
+            self.admission.admit(identity)
+        except (RequestError, Refused) as exc:
             await self._reject(identity, exc.code, str(exc), msg.req_id)
             return
-        stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(eos))
-        rid = uuid.uuid4().hex
-        self.requests[rid] = Request(
-            rid=rid, client=identity, client_req_id=msg.req_id, lookahead=lookahead, policy=msg.policy,
-            sampling=sampling, detok=Detokenizer(self.tokenizer),
-            seq=Sequence(prompt_ids=prompt_ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
-        self.by_client[(identity, msg.req_id)] = rid
-        self.queue.append(rid)
+        admitted = Admitted(identity, msg, uuid.uuid4().hex, info, lookahead, sampling)
+        self.by_client[admitted.key] = admitted.rid
+        self.clients.setdefault(identity, time.monotonic())
+        if msg.prompt is None:
+            await self._enqueue(admitted, msg.prompt_ids)
+        else:
+            self.tokenizing[admitted.rid] = asyncio.create_task(self._tokenize_then_enqueue(admitted))
+
+    async def _tokenize_then_enqueue(self, admitted: Admitted) -> None:
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, self._encode,
+                                                                   admitted.msg.prompt)
+        except Exception as exc:
+            log.exception("tokenizing a prompt failed")
+            ids = exc
+        finally:
+            self.tokenizing.pop(admitted.rid, None)
+        await self._enqueue(admitted, ids)
+
+    def _encode(self, prompt: str) -> list[int]:
+        return self.vocab.tokenizer.encode(prompt).ids
+
+    async def _enqueue(self, admitted: Admitted, ids: list[int] | Exception) -> None:
+        """Queue an admitted request once its prompt ids are known, or refuse it."""
+        msg = admitted.msg
+        try:
+            if isinstance(ids, Exception):
+                raise RequestError("internal", f"the prompt could not be tokenized: {ids!r}")
+            self._validate_ids(ids, msg, admitted.info)
+        except RequestError as exc:
+            self._unreserve(admitted.key)
+            await self._reject(admitted.client, exc.code, str(exc), msg.req_id)
+            return
+        stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(admitted.info.eos_token_ids))
+        self.requests[admitted.rid] = Request(
+            rid=admitted.rid, client=admitted.client, client_req_id=msg.req_id, lookahead=admitted.lookahead,
+            policy=msg.policy, sampling=admitted.sampling, detok=Detokenizer(self.vocab.tokenizer),
+            seq=Sequence(prompt_ids=ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
+        self.admission.enqueue(admitted.client, admitted.rid)
         await self._schedule()
 
-    def _validate(self, identity: bytes, msg: p.Generate) -> tuple[list[int], int, list[int]]:
+    def _validate(self, identity: bytes, msg: p.Generate) -> tuple[p.Register, int]:
+        """What can be checked before the prompt is tokenized. Returns the serving model's registration and the
+        request's lookahead."""
         verifiers = self._verifiers()
         if not verifiers:
             raise RequestError("no_worker", "no verify worker is registered with the coordinator")
@@ -236,33 +321,61 @@ class Coordinator:
             raise RequestError("invalid_request", f"request id {msg.req_id!r} is already in flight")
         if (msg.prompt is None) == (msg.prompt_ids is None):
             raise RequestError("invalid_request", "give exactly one of prompt and prompt_ids")
-        if msg.prompt is not None and self.tokenizer is None:
-            raise RequestError("invalid_request", "the verify model has no tokenizer; send prompt_ids")
-        ids = msg.prompt_ids if msg.prompt is None else self.tokenizer.encode(msg.prompt).ids
-        if not ids:
-            raise RequestError("invalid_request", "the prompt is empty")
-        bad = [t for t in ids + msg.stop_token_ids if t >= info.vocab_size]
-        if bad:
-            raise RequestError("invalid_request",
-                               f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
+        if msg.prompt is not None:
+            if self.vocab.tokenizer is None:
+                raise RequestError("invalid_request", "the verify model has no tokenizer; send prompt_ids")
+            size, limit = len(msg.prompt.encode()), info.max_context * MAX_PROMPT_BYTES_PER_TOKEN
+            if size > limit:
+                raise RequestError("invalid_request", f"a prompt of {size} bytes can't fit the model context of "
+                                                      f"{info.max_context} tokens (at most {limit} bytes); send "
+                                                      f"prompt_ids to go beyond {MAX_PROMPT_BYTES_PER_TOKEN} bytes "
+                                                      f"per token")
         if msg.max_new_tokens < 1:
             raise RequestError("invalid_request", "max_new_tokens must be at least 1")
-        if len(ids) + msg.max_new_tokens > info.max_context:
-            raise RequestError("invalid_request", f"prompt of {len(ids)} tokens plus max_new_tokens="
-                                                  f"{msg.max_new_tokens} exceeds the model context of "
-                                                  f"{info.max_context}")
         lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
         if not 1 <= lookahead <= MAX_LOOKAHEAD:
             raise RequestError("invalid_request", f"lookahead must be in [1, {MAX_LOOKAHEAD}], not {lookahead}")
         if msg.policy not in POLICIES:
             raise RequestError("invalid_request", f"policy must be one of {POLICIES}, not {msg.policy!r}")
-        return ids, lookahead, info.eos_token_ids
+        return info, lookahead
+
+    @staticmethod
+    def _validate_ids(ids: list[int], msg: p.Generate, info: p.Register) -> None:
+        if not ids:
+            raise RequestError("invalid_request", "the prompt is empty")
+        if len(ids) + msg.max_new_tokens > info.max_context:
+            raise RequestError("invalid_request", f"prompt of {len(ids)} tokens plus max_new_tokens="
+                                                  f"{msg.max_new_tokens} exceeds the model context of "
+                                                  f"{info.max_context}")
+        bad = [t for t in ids + msg.stop_token_ids if t >= info.vocab_size]
+        if bad:
+            raise RequestError("invalid_request",
+                               f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
 
     async def on_cancel(self, identity: bytes, msg: p.Cancel) -> None:
-        rid = self.by_client.get((identity, msg.req_id))
-        if rid is not None:
-            self.requests[rid].seq.cancel("cancelled")
-            await self._finish(self.requests[rid])
+        if (identity, msg.req_id) in self.by_client:
+            await self._cancel((identity, msg.req_id), "cancelled")
+
+    async def _client_lost(self, client: bytes) -> None:
+        """A client silent for the liveness window: its requests are cancelled so their workers serve others."""
+        keys = [key for key in self.by_client if key[0] == client]
+        log.warning("client %s went silent with %d requests in flight: cancelling them", client.hex(), len(keys))
+        self.clients_lost += 1
+        for key in keys:
+            await self._cancel(key, "client_lost")
+        self.clients.pop(client, None)
+
+    async def _cancel(self, key: tuple[bytes, str], reason: str) -> None:
+        rid = self.by_client[key]
+        self.cancelled += 1
+        task = self.tokenizing.pop(rid, None)
+        if task is not None:
+            task.cancel()
+            self._unreserve(key)
+            return
+        req = self.requests[rid]
+        req.seq.cancel(reason)
+        await self._forget(req)
 
     # workers
 
@@ -270,21 +383,13 @@ class Coordinator:
         if msg.role not in (DRAFT, VERIFY):
             await self._reject(identity, "invalid_register", f"unknown role {msg.role!r}")
             return
-        if self.vocab_hash is not None and msg.vocab_hash != self.vocab_hash:
-            others = ", ".join(sorted({f"{w.info.role} {w.info.model}" for w in self.workers.values()}))
-            await self._reject(identity, "vocab_mismatch",
-                               f"{msg.role} model {msg.model} has a different vocabulary from the registered {others}")
+        if msg.vocab_hash != self.vocab.hash:
+            await self._reject(identity, "vocab_mismatch", f"{msg.role} model {msg.model} has a different vocabulary "
+                                                           f"from {self.cfg.verify_model}, which this coordinator serves")
             return
-        if msg.role == VERIFY and self.tokenizer is None and msg.tokenizer is not None:
-            try:
-                self.tokenizer = unpack_tokenizer(msg.tokenizer)
-            except Exception as exc:
-                await self._reject(identity, "invalid_register", f"unreadable tokenizer: {exc}")
-                return
         old = self.workers.get(identity)
         if old is not None:
             await self._drop_worker(old, "re-registered")
-        self.vocab_hash = msg.vocab_hash
         self.workers[identity] = Worker(identity, msg, time.monotonic())
         log.info("registered %s worker %s (%s)", msg.role, identity.hex(), msg.model)
         await send(self.router, p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s), identity)
@@ -373,10 +478,11 @@ class Coordinator:
 
     async def _schedule(self) -> None:
         free_verifiers = [w for w in self._verifiers() if w.request is None]
-        while self.queue and free_verifiers:
-            req = self.requests.get(self.queue.popleft())
-            if req is None:
-                continue
+        while free_verifiers:
+            rid = self.admission.next()
+            if rid is None:
+                break
+            req = self.requests[rid]
             req.verifier = free_verifiers.pop(0).identity
             self.workers[req.verifier].request = req.rid
             req.progress, req.stalled_at = time.monotonic(), None
@@ -413,34 +519,44 @@ class Coordinator:
         req.verifier = req.draft = None
 
     async def _finish(self, req: Request) -> None:
-        if req.seq.finish_reason != "cancelled":
-            await send(self.router, p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
-                                           prompt_ids=req.seq.prompt_ids,
-                                           stats={**req.seq.summary(), "seed": req.sampling.seed}), req.client)
+        await send(self.router, p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
+                                       prompt_ids=req.seq.prompt_ids,
+                                       stats={**req.seq.summary(), "seed": req.sampling.seed}), req.client)
         self.served += 1
         await self._forget(req)
 
-    async def _fail(self, req: Request, code: str, message: str) -> None:
-        req.seq.cancel(code)
-        await send(self.router, p.Error(code=code, message=message, req_id=req.client_req_id,
-                                        token_ids=req.seq.committed), req.client)
-        await self._forget(req)
+    async def _fail(self, key: tuple[bytes, str], code: str, message: str) -> None:
+        """End a request with an error carrying what it committed; one still being tokenized has none."""
+        rid = self.by_client.get(key)
+        if rid is None:
+            return
+        req = self.requests.get(rid)
+        if req is None:
+            self.tokenizing.pop(rid).cancel()
+            self._unreserve(key)
+        else:
+            req.seq.cancel(code)
+        await send(self.router, p.Error(code=code, message=message, req_id=key[1],
+                                        token_ids=req.seq.committed if req else []), key[0])
+        if req is not None:
+            await self._forget(req)
+
+    def _unreserve(self, key: tuple[bytes, str]) -> None:
+        """Forget an admitted request that never reached the queue."""
+        self.admission.release(key[0], self.by_client.pop(key))
+        if key[0] not in self.admission.in_flight:
+            self.clients.pop(key[0], None)
 
     async def _forget(self, req: Request) -> None:
-        if req.rid in self.queue:
-            self.queue.remove(req.rid)
+        if self.requests.pop(req.rid, None) is None:
+            return
+        self._unreserve(req.key)
         await self._release(req)
-        self.requests.pop(req.rid, None)
-        self.by_client.pop((req.client, req.client_req_id), None)
         await self._schedule()
 
     async def _drop_worker(self, w: Worker, why: str) -> None:
         log.warning("dropping %s worker %s: %s", w.info.role, w.identity.hex(), why)
         self.workers.pop(w.identity, None)
-        if not self._verifiers():
-            self.tokenizer = None
-        if not self.workers:
-            self.vocab_hash = None
         req = self.requests.get(w.request) if w.request else None
         if req is None:
             return
@@ -448,5 +564,5 @@ class Coordinator:
             req.draft = None
         else:  # the next free verifier resumes it from the committed tokens
             req.verifier, req.orphaned = None, time.monotonic()
-            self.queue.appendleft(req.rid)
+            self.admission.resume(req.rid)
         await self._schedule()

@@ -1,20 +1,7 @@
 """Streaming text from token ids without splitting multi-byte characters."""
 from __future__ import annotations
 
-import zlib
-
 from tokenizers import Tokenizer
-
-MAX_TOKENIZER_BYTES = 64 << 20
-
-
-def unpack_tokenizer(blob: bytes) -> Tokenizer:
-    """Inverse of CausalLM.packed_tokenizer, refusing to inflate past a sane size."""
-    inflater = zlib.decompressobj()
-    raw = inflater.decompress(blob, MAX_TOKENIZER_BYTES)
-    if inflater.unconsumed_tail or not inflater.eof:
-        raise ValueError("tokenizer is truncated or inflates past the limit")
-    return Tokenizer.from_str(raw.decode())
 
 
 class Detokenizer:

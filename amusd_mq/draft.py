@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 
 import zmq
@@ -18,6 +19,7 @@ from .backend import Session, propose
 from .config import DRAFT
 from .sampling import GREEDY, Sampling, sampling_of
 from .security import secure
+from .tasks import surviving
 from .transport import make_socket, pub_url, send
 from .worker import Worker
 
@@ -71,6 +73,7 @@ class DraftWorker(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handlers[p.Snapshot] = self.on_snapshot
+        self.published = {p.Beat: self.on_beat, p.Commit: self.on_commit}
         self.sub = None
         self.last_seq: int | None = None
 
@@ -86,8 +89,8 @@ class DraftWorker(Worker):
             self.sub.close()
             self.sub = None
 
-    def extra_tasks(self) -> list[asyncio.Task]:
-        return [asyncio.create_task(self._sub_loop())]
+    def extra_tasks(self) -> list[Coroutine]:
+        return [self._sub_loop()]
 
     def new_request(self, msg: p.Assign) -> DraftRequest:
         r = DraftRequest(rid=msg.req_id, prompt=msg.prompt_ids, committed=[], epoch=msg.epoch, assigned=msg.epoch,
@@ -99,19 +102,25 @@ class DraftWorker(Worker):
     async def _sub_loop(self) -> None:
         while True:
             msg = await self._recv(self.sub)
-            if isinstance(msg, p.Beat):
-                if msg.seq > self.last_seq:  # the last update before this beat was lost
-                    await self._resync()
-            elif isinstance(msg, p.Commit):
-                gap = msg.seq > self.last_seq + 1
-                self.last_seq = max(self.last_seq, msg.seq)
-                r = self.requests.get(msg.req_id)
-                if r is not None:
-                    await self._apply(r, msg.epoch, msg.start, msg.token_ids, msg.done)
-                if gap:
-                    await self._resync()
-            else:
+            handler = self.published.get(type(msg))
+            if handler is None:
                 self.rejects.add("unexpected_type", f"{msg.TYPE} on the PUB stream")
+                continue
+            with surviving(self.rejects, msg.TYPE):
+                await handler(msg)
+
+    async def on_beat(self, msg: p.Beat) -> None:
+        if msg.seq > self.last_seq:  # the last update before this beat was lost
+            await self._resync()
+
+    async def on_commit(self, msg: p.Commit) -> None:
+        gap = msg.seq > self.last_seq + 1
+        self.last_seq = max(self.last_seq, msg.seq)
+        r = self.requests.get(msg.req_id)
+        if r is not None:
+            await self._apply(r, msg.epoch, msg.start, msg.token_ids, msg.done)
+        if gap:
+            await self._resync()
 
     async def _resync(self) -> None:
         for rid in list(self.requests):

@@ -1,6 +1,7 @@
 """Model names to local directories: tiny random models, the real Qwen pair from PyPI parts, or HF ids."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -11,6 +12,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .config import BY_NAME
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,8 @@ TINY_MODELS = {"tiny-draft", "tiny-verify"}
 
 
 def default_cache_dir() -> str:
-    return os.path.expanduser(os.environ.get("AMUSD_CACHE_DIR", "~/.cache/amusd-mq"))
+    setting = BY_NAME["cache_dir"]
+    return os.path.expanduser(os.environ.get(setting.env, setting.default))
 
 
 def resolve(name: str, cache_dir: str | None = None) -> str:
@@ -52,21 +56,22 @@ def resolve(name: str, cache_dir: str | None = None) -> str:
 
 
 def _build_once(name: str, cache: Path, build) -> Path:
-    """Build into a temporary sibling and rename, so concurrent services never see half a model."""
+    """Build into a temporary sibling and rename, so concurrent services never see half a model. A lock makes
+    the coordinator and the workers of one host wait for one build instead of each downloading the model."""
     target = cache / "models" / name
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build(name, tmp)
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+        if (target / "config.json").exists():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
+            build(name, tmp)
             os.rename(tmp, target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

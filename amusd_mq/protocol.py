@@ -14,7 +14,7 @@ from typing import ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 INT_LIMIT = 1 << 63
 
 
@@ -59,6 +59,7 @@ class Welcome(Message):
     vocab_size: int
     max_context: int
     eos_token_ids: list[int]
+    heartbeat_s: float  # a client pings this often while it has requests in flight, or they are cancelled
 
 
 @message
@@ -116,6 +117,7 @@ class Cancel(Message):
 
 @message
 class Ping(Message):
+    """A client's heartbeat while it has requests in flight, and its check that the coordinator is the same run."""
     TYPE = "ping"
 
 
@@ -138,7 +140,9 @@ class StatusReply(Message):
     queued: int
     active: int
     rejected: dict[str, int]
-    served: int
+    served: int  # requests that ran to their end
+    cancelled: int  # by their client, or because their client went silent
+    clients_lost: int  # clients that went silent with requests in flight
 
 
 # Worker <-> coordinator (DEALER -> ROUTER)
@@ -152,7 +156,6 @@ class Register(Message):
     vocab_hash: str
     max_context: int
     eos_token_ids: list[int]
-    tokenizer: bytes | None = None  # the verifier's zlib-compressed tokenizer.json, for the coordinator
 
 
 @message
@@ -264,18 +267,31 @@ def encode(msg: Message) -> bytes:
 
 
 def decode(frame: bytes, max_bytes: int) -> Message:
+    """The message a frame holds, or ProtocolError: whatever the bytes, nothing else can come out of here."""
     if len(frame) > max_bytes:
         raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return _decode(frame)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # a rule this decoder forgot: still a refused frame, never a dead receive loop
+        raise ProtocolError("malformed", f"undecodable frame ({type(exc).__name__}: {exc})") from None
+
+
+def _decode(frame: bytes) -> Message:
     try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise ProtocolError("malformed", f"not msgpack: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("malformed", "frame is not a msgpack map")
+    if not all(type(k) is str for k in body):
+        raise ProtocolError("malformed", "map keys must be strings")
     version = body.pop("v", None)
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    cls = MESSAGES.get(body.pop("t", None))
+    kind = body.pop("t", None)
+    cls = MESSAGES.get(kind) if type(kind) is str else None
     if cls is None:
         raise ProtocolError("unknown_type", "unknown message type")
     hints = _HINTS[cls]
@@ -292,17 +308,19 @@ def decode(frame: bytes, max_bytes: int) -> Message:
     return cls(**body)
 
 
-
 def _conforms(value, tp) -> bool:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         return any(_conforms(value, arg) for arg in typing.get_args(tp))
     if origin is list:
         (arg,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_conforms(v, arg) for v in value)
+        if arg is int:  # token lists can hold millions: check them in C, not one call per element
+            return type(value) is list and (not value or set(map(type, value)) == {int} and min(value) >= 0
+                                             and max(value) < INT_LIMIT)
+        return type(value) is list and all(_conforms(v, arg) for v in value)
     if origin is dict:
         key, val = typing.get_args(tp)
-        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, val) for k, v in value.items())
+        return type(value) is dict and all(_conforms(k, key) and _conforms(v, val) for k, v in value.items())
     if tp is int:
         return type(value) is int and 0 <= value < INT_LIMIT
     if tp is float:

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 MODES = ("greedy", "seeded", "exact")
 DRAFT_TOP = 32  # tokens in the draft's proposal distribution: sparse, so it fits in a message
+# Below this, logits / T overflow toward inf and NaN: such a temperature is refused (0 is greedy).
+MIN_TEMPERATURE = 1e-4
 _M = 0xFFFFFFFF
 DRAFT, ACCEPT, RESIDUAL, GUMBEL = 1, 2, 3, 4  # independent random streams
 
@@ -74,6 +76,8 @@ class Sampling:
             out.append(f"sampling_mode must be one of {MODES}, not {self.mode!r}")
         if not (self.temperature >= 0 and self.temperature != float("inf")):
             out.append(f"temperature must be a finite number >= 0, not {self.temperature!r}")
+        elif 0 < self.temperature < MIN_TEMPERATURE:
+            out.append(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, not {self.temperature!r}")
         elif self.mode != "greedy" and self.temperature == 0:
             out.append(f"sampling_mode {self.mode!r} needs a temperature > 0 (temperature 0 is greedy)")
         if not 0 < self.top_p <= 1:

@@ -8,13 +8,13 @@ TraceLM is a drop-in model whose choices come from the trace and whose time come
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TRACE_PREFIX = "trace:"
+from .vocab import TRACE_PREFIX, trace_hash
+
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 128, 512),
     "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128256),
@@ -155,10 +155,7 @@ class TraceLM:
             raise ValueError(f"trace compute must be latency:PROFILE.json or shape:DRAFT,VERIFY, not {compute!r}")
 
     def vocab_hash(self) -> str:
-        return hashlib.sha256(f"{self.trace.verify_model}/{self.vocab_size}".encode()).hexdigest()
-
-    def packed_tokenizer(self) -> None:
-        return None  # a trace deployment takes prompt_ids only
+        return trace_hash(self.trace.verify_model, self.vocab_size)
 
     def warm_up(self) -> None:
         if self.shaped is not None:

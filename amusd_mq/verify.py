@@ -99,11 +99,6 @@ class VerifyWorker(Worker):
         super().__init__(*args, **kwargs)
         self.handlers[p.Propose] = self.on_propose
 
-    def register_message(self) -> p.Register:
-        msg = super().register_message()
-        msg.tokenizer = self.lm.packed_tokenizer()
-        return msg
-
     def new_request(self, msg: p.Assign) -> VerifyRequest:
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
                        stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))

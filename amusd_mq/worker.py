@@ -2,28 +2,28 @@
 
 A worker connects a DEALER to the coordinator, registers, and then serves Assign/Release and its role's
 messages. Heartbeats flow both ways (Paranoid Pirate): a coordinator silent for `liveness` intervals is
-presumed dead, the worker drops its requests and registers again with backoff.
+presumed dead, the worker drops its requests and registers again, after a quarter heartbeat and then with
+backoff capped at two heartbeats; a successful registration resets the backoff.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 
 import zmq
 import zmq.asyncio
 
 from . import protocol as p
 from .backend import CausalLM, ModelThread
-from .config import Config
+from .config import Config, ConfigurationError
 from .security import load_keys, secure
+from .tasks import first_to_end, surviving
 from .transport import Rejects, make_socket, recv_valid, send
 
 log = logging.getLogger(__name__)
-
-
-class FatalWorkerError(RuntimeError):
-    """The coordinator refused this worker for a reason retrying can't fix."""
+BACKOFF_CAP_BEATS = 2  # the longest wait between registrations, in heartbeats
 
 
 class Worker:
@@ -40,6 +40,8 @@ class Worker:
         self.requests: dict = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.last_heard = 0.0
+        self.registered_seq: int | None = None  # the PUB sequence number at registration; None until registered
+        self.forgotten = asyncio.Event()  # the coordinator answered with unknown_worker
         self.handlers = {p.Assign: self.on_assign, p.Release: self.on_release, p.Heartbeat: self._noop,
                          p.Error: self.on_error}
 
@@ -49,54 +51,51 @@ class Worker:
                           eos_token_ids=self.lm.eos_token_ids)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve registration after registration until stopped. Raises ConfigurationError when refused, and any
+        unexpected error of a core task, so the process exits non-zero rather than live on without serving."""
         register = self.register_message()
-        backoff = self.cfg.heartbeat_s
+        backoff = self._first_backoff
         while not stop.is_set():
             if self.thread.busy:  # still inside a pass of a request it was dropped from: maybe hung
                 log.warning("waiting for the model thread to finish its forward pass before registering")
                 while self.thread.busy and not stop.is_set():
                     await asyncio.sleep(self.cfg.heartbeat_s)
                 continue
-            session = asyncio.create_task(self._session(register))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({session, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if not session.done():
-                session.cancel()
-            await asyncio.gather(session, return_exceptions=True)
-            self._drop_all()
-            if session.cancelled() or stop.is_set():
-                break
-            if isinstance(session.exception(), FatalWorkerError):
-                raise session.exception()
-            log.warning("lost the coordinator; registering again in %.1fs", backoff)
+            self.registered_seq = None
+            try:
+                if await first_to_end(stop, [self._session(register)]) is None:
+                    break
+            except ConnectionError as exc:
+                log.warning("%s", exc)
+            finally:
+                self._drop_all()
+            if self.registered_seq is not None:  # it served: a new coordinator is probably up already
+                backoff = self._first_backoff
+            log.warning("lost the coordinator; registering again in %.2fs", backoff)
             try:
                 await asyncio.wait_for(stop.wait(), backoff)
             except asyncio.TimeoutError:
                 pass
-            backoff = min(backoff * 2, 30.0)
+            backoff = min(backoff * 2, BACKOFF_CAP_BEATS * self.cfg.heartbeat_s)
+
+    @property
+    def _first_backoff(self) -> float:
+        return self.cfg.heartbeat_s / 4
 
     async def _session(self, register: p.Register) -> None:
-        """One registration: returns when the coordinator is presumed dead."""
+        """One registration: returns when the coordinator is presumed dead (silent, or it forgot this worker)."""
         self.dealer = make_socket(self.ctx, zmq.DEALER, self.cfg.max_message_bytes)
         secure(self.dealer, self.keys)
         self.dealer.connect(self.cfg.coordinator_url)
+        self.forgotten.clear()
         try:
             await send(self.dealer, register)
             self.last_heard = time.monotonic()
             await self._wait_registered()
             log.info("%s worker registered with %s (%s)", self.role, self.cfg.coordinator_url, self.lm.name)
             await self.on_registered()
-            tasks = [asyncio.create_task(self._recv_loop()), asyncio.create_task(self._heartbeat())]
-            tasks += self.extra_tasks()
-            try:
-                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    t.result()  # re-raise a fatal error
-            finally:
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+            # Only the heartbeat returns; the receive loops end by raising, which ends the process.
+            await first_to_end(None, [self._recv_loop(), self._heartbeat(), *self.extra_tasks()])
         finally:
             self.dealer.close()
             self.on_disconnected()
@@ -111,7 +110,7 @@ class Worker:
                 self.registered_seq = msg.seq
                 return
             if isinstance(msg, p.Error):
-                raise FatalWorkerError(f"coordinator refused this {self.role} worker ({msg.code}): {msg.message}")
+                raise ConfigurationError(f"coordinator refused this {self.role} worker ({msg.code}): {msg.message}")
 
     async def _recv_loop(self) -> None:
         while True:
@@ -121,24 +120,30 @@ class Worker:
             if handler is None:
                 self.rejects.add("unexpected_type", f"{msg.TYPE} is not accepted by a {self.role} worker")
                 continue
-            await handler(msg)
+            with surviving(self.rejects, msg.TYPE):
+                await handler(msg)
 
     async def _recv(self, sock: zmq.asyncio.Socket) -> p.Message:
         return await recv_valid(sock, self.cfg.max_message_bytes, self.rejects)
 
     async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_s)
-            if time.monotonic() - self.last_heard > self.cfg.heartbeat_expiry_s:
+        """Beats until the coordinator is presumed dead, silent for the liveness window or having forgotten this
+        worker, and then returns."""
+        while time.monotonic() - self.last_heard <= self.cfg.heartbeat_expiry_s:
+            try:
+                await asyncio.wait_for(self.forgotten.wait(), self.cfg.heartbeat_s)
                 return
-            await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done))
+            except asyncio.TimeoutError:
+                await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done))
 
     async def _noop(self, msg: p.Message) -> None:
         pass
 
     async def on_error(self, msg: p.Error) -> None:
         if msg.code == "unknown_worker":  # the coordinator restarted and forgot us
-            raise ConnectionError("coordinator does not know this worker")
+            log.warning("the coordinator does not know this worker")
+            self.forgotten.set()
+            return
         log.warning("coordinator reported %s: %s", msg.code, msg.message)
 
     async def on_assign(self, msg: p.Assign) -> None:
@@ -185,7 +190,7 @@ class Worker:
     def on_disconnected(self) -> None:
         pass
 
-    def extra_tasks(self) -> list[asyncio.Task]:
+    def extra_tasks(self) -> list[Coroutine]:
         return []
 
     def new_request(self, msg: p.Assign):

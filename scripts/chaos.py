@@ -5,31 +5,220 @@ time, and for a share of them SIGKILLs (then restarts) or SIGSTOPs (then resumes
 --coordinator also the coordinator, at a random moment mid-generation. With --message-faults P every
 message between services is dropped, duplicated or held back with probability P each. A request whose
 coordinator restarted is submitted again (Lazy Pirate). Every output is checked against the verify model's
-own greedy decoding.
+own greedy decoding. With --hostile, careless and hostile peers act beside the soak, one after another: poison
+frames, a 3 MiB prompt, a client killed or closed mid-stream, one client's flood, and with --coordinator three coordinator
+restarts in a row with a wrong-vocabulary worker waiting to register first. Each is timed against what the service promises.
 
-    python scripts/chaos.py --requests 200 --fault-rate 0.5 --coordinator --message-faults 0.02
+    python scripts/chaos.py --requests 200 --fault-rate 0.5 --coordinator --message-faults 0.02 --hostile
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import asyncio
+import itertools
 import json
 import random
 import re
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from pathlib import Path
 
-from amusd_mq import AmusdError, AsyncClient, CoordinatorUnavailableError, NoWorkerError, RequestFailedError
+import msgpack
+import zmq
+import zmq.asyncio
+
+from amusd_mq import (AmusdError, AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError,
+                      OverloadedError, RequestFailedError, models)
+from amusd_mq import protocol as p
 from amusd_mq.backend import CausalLM
 from amusd_mq.baselines import autoregressive
 from amusd_mq.launch import Deployment
+from amusd_mq.transport import recv
 
 WORKERS = ("verify", "verify-b", "draft", "draft-b")
 RESUBMISSIONS = 60  # a request whose coordinator restarted is submitted again every 0.5 s, this many times at most
+FLOOD, FLOOD_LIMIT = 300, 32  # requests one client floods with, and how many it may have in flight
+POISON = [msgpack.packb(body) for body in (
+    {"v": p.PROTOCOL_VERSION, "t": [1]}, {"v": p.PROTOCOL_VERSION, "t": "hello", b"x": 1}, {"v": True, "t": "hello"},
+    {"v": p.PROTOCOL_VERSION, "t": "hello", "x": msgpack.ExtType(7, b"")}, {1: 2}, [{"v": 2**64 - 1}],
+)] + [b"\x91" * 100_000 + b"\x00", b"\xc1"]
+KILLED_CLIENT = """
+import asyncio, sys
+from amusd_mq import AsyncClient
+async def main():
+    async with AsyncClient(sys.argv[1], timeout_s=30) as client:
+        async for chunk in client.stream(prompt_ids=[1, 2, 3], max_new_tokens=2000, ignore_eos=True):
+            print(len(chunk.token_ids), flush=True)
+asyncio.run(main())
+"""
+
+
+class Hostile:
+    """Careless and hostile peers beside the soak, one event every two seconds until it ends."""
+
+    def __init__(self, d: Deployment, busy: set[str], window_s: float):
+        self.d = d
+        self.busy = busy  # the services taking a fault now, shared with the soak's strikes
+        self.window_s = window_s
+        self.figures: dict[str, list] = defaultdict(list)
+        self.odd_model = str(Path(d.log_dir).parent / "odd-draft")
+        shutil.copytree(models.resolve("tiny-draft"), self.odd_model)
+        tokenizer = json.loads(Path(self.odd_model, "tokenizer.json").read_text())
+        tokenizer["model"]["vocab"]["<odd>"] = len(tokenizer["model"]["vocab"])  # another vocabulary
+        Path(self.odd_model, "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    async def run(self, restarts: bool) -> None:
+        events = [self.poison, self.big_prompt, self.killed_client, self.closed_client, self.flood]
+        events += [self.restarts] * restarts
+        for event in itertools.cycle(events):
+            await asyncio.sleep(2.0)
+            if "coordinator" in self.busy:
+                continue
+            try:
+                await event()
+            except AmusdError:
+                self.figures["events_spoiled_by_a_strike"].append(1)  # e.g. the coordinator restarted meanwhile
+
+    async def status(self) -> p.StatusReply | None:
+        try:
+            async with AsyncClient(self.d.url, timeout_s=2.0) as client:
+                return await client.status()
+        except AmusdError:
+            return None
+
+    async def poison(self) -> None:
+        """Every poison frame is answered with an error, and a hello after them within a second."""
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.connect(self.d.url)
+
+        async def ask(frame: bytes) -> p.Message:
+            await sock.send(frame)
+            return (await asyncio.wait_for(recv(sock, 1 << 20, routed=False), 5.0))[1]
+
+        try:
+            replies = [await ask(frame) for frame in POISON]
+            start = time.monotonic()
+            await ask(p.encode(p.Hello()))
+            self.figures["hello_after_poison_s"].append(time.monotonic() - start)
+            self.figures["poison_frames_refused"].append(sum(isinstance(r, p.Error) for r in replies))
+        except asyncio.TimeoutError:
+            if "coordinator" not in self.busy:  # not a strike of the soak's: the coordinator went deaf
+                self.figures["poison_unanswered"].append(1)
+        finally:
+            sock.close()
+            ctx.term()
+
+    async def big_prompt(self) -> None:
+        """A 3 MiB prompt is refused before it is tokenized."""
+        async with AsyncClient(self.d.url, timeout_s=10) as client:
+            start = time.monotonic()
+            try:
+                await client.generate("x" * (3 << 20), max_new_tokens=4)
+            except InvalidRequestError:
+                self.figures["big_prompt_refused_s"].append(time.monotonic() - start)
+
+    async def killed_client(self) -> None:
+        """A client SIGKILLed mid-stream: the coordinator frees its request within the liveness window."""
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, self.d.url], stdout=subprocess.PIPE)
+
+        async def kill():
+            proc.kill()
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            await self.time_until_cancelled("killed_client_freed_s", kill)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    async def closed_client(self) -> None:
+        """A client closed mid-stream: its cancel frees the request at once."""
+        client = AsyncClient(self.d.url, timeout_s=10)
+        await client.connect()
+        try:
+            stream = client.stream(prompt_ids=[1, 2, 3], max_new_tokens=2000, ignore_eos=True)
+            await stream.__anext__()
+            await self.time_until_cancelled("closed_client_freed_s", client.close)
+        finally:
+            await client.close()
+
+    async def time_until_cancelled(self, figure: str, abandon) -> None:
+        """Abandon a running request and time it until the coordinator counts it cancelled."""
+        before = await self.status()
+        if before is None:
+            return
+        await abandon()
+        abandoned = time.monotonic()
+        while time.monotonic() - abandoned < 10 * self.window_s:
+            now = await self.status()
+            if now is None or now.cancelled < before.cancelled:  # the coordinator restarted meanwhile
+                return
+            if now.cancelled > before.cancelled:
+                self.figures[figure].append(time.monotonic() - abandoned)
+                return
+            await asyncio.sleep(0.05)
+        self.figures[f"{figure[:-2]}never"].append(1)
+
+    async def flood(self) -> None:
+        """One client sends FLOOD requests at once: all but FLOOD_LIMIT are refused, and close() cancels those."""
+        async with AsyncClient(self.d.url, timeout_s=10) as client:
+            tasks = [asyncio.create_task(client.generate(prompt_ids=[1, 2, 3], max_new_tokens=8))
+                     for _ in range(FLOOD)]
+            await asyncio.wait(tasks, timeout=1.0)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        self.figures["flood_refused"].append(sum(isinstance(r, OverloadedError) for r in results))
+
+    async def restarts(self) -> None:
+        """Three coordinator restarts in a row, a wrong-vocabulary worker waiting to register before the first."""
+        self.busy.add("coordinator")
+        try:
+            for i in range(3):
+                old = self.d.procs.pop("coordinator")
+                old.kill()
+                old.wait()
+                odd = self.d.start("draft", name="odd-draft", AMUSD_DRAFT_MODEL=self.odd_model) if i == 0 else None
+                if odd is not None:
+                    await asyncio.sleep(4.0)  # loaded, and its registration queued for the next coordinator
+                self.d.start("coordinator")
+                up = await self.welcome_when(lambda w: True)
+                back = await self.welcome_when(lambda w: w.verifiers >= 2 and w.drafts >= 2)
+                self.figures["workers_back_after_restart_s"].append(back - up)
+                if odd is not None:
+                    self.figures["wrong_vocabulary_exit_code"].append(await asyncio.to_thread(odd.wait, 60))
+                    self.d.procs.pop("odd-draft")
+        finally:
+            self.busy.discard("coordinator")
+
+    async def welcome_when(self, ready) -> float:
+        while True:
+            try:
+                async with AsyncClient(self.d.url, timeout_s=0.3) as client:
+                    if ready(client.welcome):
+                        return time.monotonic()
+            except CoordinatorUnavailableError:
+                pass
+            await asyncio.sleep(0.05)
+
+    def summary(self) -> dict:
+        out = {}
+        for key, values in self.figures.items():
+            if key.endswith("_s"):
+                out[f"{key}_max"] = round(max(values), 3)
+                out[f"{key}_n"] = len(values)
+            elif key.endswith("_code"):
+                out[key] = sorted(set(values))
+            else:
+                out[key] = sum(values)
+        return out
 
 
 async def main() -> int:
@@ -41,6 +230,8 @@ async def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--coordinator", action="store_true", help="kill and restart the coordinator too")
     ap.add_argument("--message-faults", type=float, default=0.0, help="drop/dup/delay probability, each")
+    ap.add_argument("--hostile", action="store_true", help="poison frames, killed clients, floods and (with "
+                    "--coordinator) restarts in a row with a wrong-vocabulary worker, beside the soak")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -49,6 +240,7 @@ async def main() -> int:
            "AMUSD_VERIFY_MODEL": "tiny-verify", "AMUSD_DTYPE": "float32", "AMUSD_THREADS": "1",
            "AMUSD_HEARTBEAT_S": "0.25", "AMUSD_FAILOVER_S": "10", "AMUSD_LOG_LEVEL": "WARNING",
            "AMUSD_VERIFY_DELAY_MS": str(args.verify_delay_ms), "AMUSD_PROGRESS_TIMEOUT_S": "2",
+           "AMUSD_MAX_CLIENT_REQUESTS": str(FLOOD_LIMIT),
            **({f"AMUSD_FAULT_{k}": str(args.message_faults) for k in ("DROP", "DUP", "DELAY")}
               if args.message_faults else {})}
     verify = CausalLM("tiny-verify", "cpu", "float32")
@@ -121,12 +313,17 @@ async def main() -> int:
             figures["recovery_s"].append(max(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else 0.0)
             await fault
 
+    hostile = Hostile(d, busy, window_s=0.25 * 5) if args.hostile else None
+    adversary = asyncio.create_task(hostile.run(args.coordinator)) if hostile else None
     async with AsyncClient(d.url, timeout_s=10) as client:
         started = time.monotonic()
         for i in range(0, args.requests, 2):
             await asyncio.gather(*(one(client, j) for j in range(i, min(i + 2, args.requests))))
             print(f"\r{min(i + 2, args.requests)}/{args.requests} requests", end="", file=sys.stderr, flush=True)
         elapsed = time.monotonic() - started
+        if adversary is not None:
+            adversary.cancel()
+            await asyncio.gather(adversary, return_exceptions=True)
         status = await client.status()
     print(file=sys.stderr)
     d.stop()
@@ -138,7 +335,7 @@ async def main() -> int:
     figures.update(requests=args.requests, elapsed_s=round(elapsed, 1), rejected=status.rejected,
                    recovery_p50_s=round(statistics.median(recovery), 3) if recovery else 0.0,
                    recovery_p99_s=round(recovery[min(len(recovery) - 1, int(0.99 * len(recovery)))], 3)
-                   if recovery else 0.0)
+                   if recovery else 0.0, **(hostile.summary() if hostile else {}))
     for key, value in figures.items():
         print(f"{key:<30} {value}")
     if args.out:

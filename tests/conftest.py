@@ -1,11 +1,16 @@
+import asyncio
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 import torch
 import uvloop
+import zmq
+import zmq.asyncio
 
 from amusd_mq import models
+from amusd_mq import protocol as p
 from amusd_mq.launch import ROLES, Deployment
 
 PROMPTS = [
@@ -50,6 +55,36 @@ def reference(tiny_verify):
         return memo[key]
 
     return generate
+
+
+@pytest.fixture(scope="session")
+def odd_draft(tiny_cache, tmp_path_factory) -> str:
+    """The tiny draft with one token added to its vocabulary: a worker the coordinator must refuse."""
+    from transformers import AutoTokenizer
+
+    odd = tmp_path_factory.mktemp("odd") / "odd-draft"
+    subprocess.run(["cp", "-r", models.resolve("tiny-draft", tiny_cache), str(odd)], check=True)
+    tok = AutoTokenizer.from_pretrained(odd)
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(odd)
+    return str(odd)
+
+
+async def raw_exchange(url: str, frames: list[list[bytes]], timeout_s: float = 10.0) -> list[p.Message]:
+    """Send raw frames from a bare DEALER, one at a time, and collect the coordinator's reply to each."""
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(url)
+    replies = []
+    try:
+        for parts in frames:
+            await sock.send_multipart(parts)
+            replies.append(p.decode((await asyncio.wait_for(sock.recv_multipart(), timeout_s))[0], 1 << 30))
+    finally:
+        sock.close()
+        ctx.term()
+    return replies
 
 
 @pytest.fixture

@@ -1,17 +1,20 @@
+import timeit
+
 import msgpack
 import pytest
 
 from amusd_mq import protocol as p
 
 SAMPLES = [
-    p.Hello(), p.Welcome(instance="i", verifiers=1, drafts=2, vocab_size=100, max_context=2048, eos_token_ids=[2]),
+    p.Hello(), p.Welcome(instance="i", verifiers=1, drafts=2, vocab_size=100, max_context=2048, eos_token_ids=[2],
+                         heartbeat_s=1.0),
     p.Generate(req_id="r", max_new_tokens=5, prompt="hi"), p.Generate(req_id="r", max_new_tokens=5, prompt_ids=[1, 2]),
     p.Tokens(req_id="r", start=3, token_ids=[4, 5], text="ab"),
     p.Done(req_id="r", finish_reason="stop", prompt_ids=[1], stats={"a": 1, "b": 0.5}),
     p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(instance="i"), p.Status(),
-    p.StatusReply(verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4),
-    p.Register(role="verify", model="m", vocab_size=9, vocab_hash="h", max_context=8, eos_token_ids=[],
-               tokenizer=b"\x00\x01"),
+    p.StatusReply(verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4, cancelled=1,
+                  clients_lost=0),
+    p.Register(role="verify", model="m", vocab_size=9, vocab_hash="h", max_context=8, eos_token_ids=[]),
     p.Registered(seq=3, heartbeat_s=1.0), p.Heartbeat(),
     p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3,
              policy="eager"),
@@ -40,6 +43,13 @@ def raw(**body):
     (msgpack.packb([1, "hello"]), "malformed"),
     (msgpack.packb({"v": 99, "t": "hello"}), "version"),
     (msgpack.packb({"t": "hello"}), "version"),
+    (msgpack.packb({"v": True, "t": "hello"}), "version"),  # no coercion, not even for the version
+    (msgpack.packb({"v": float(p.PROTOCOL_VERSION), "t": "hello"}), "version"),
+    (raw(t=[1]), "unknown_type"),  # an unhashable type field
+    (raw(t=b"hello"), "unknown_type"),
+    (msgpack.packb({"v": p.PROTOCOL_VERSION, "t": "hello", b"x": 1}), "malformed"),  # text and binary keys
+    (msgpack.packb({1: 2}), "malformed"),
+    (raw(t="cancel", req_id=["r"]), "field"),
     (raw(t="launch_missiles"), "unknown_type"),
     (raw(t="cancel"), "field"),  # missing req_id
     (raw(t="cancel", req_id="r", extra=1), "field"),
@@ -55,6 +65,18 @@ def test_rejects_bad_frames(frame, kind):
     with pytest.raises(p.ProtocolError) as err:
         p.decode(frame, 1 << 20)
     assert err.value.kind == kind
+
+
+def test_token_lists_are_checked_fast_and_exactly():
+    """prompt_ids may hold millions of ids: checking them costs a few times what unpacking them does (it was 75
+    times as much, seconds on the event loop), and still refuses bools, floats and negatives."""
+    big = raw(t="generate", req_id="r", max_new_tokens=1, prompt_ids=[7] * 2_000_000)
+    unpack = min(timeit.repeat(lambda: msgpack.unpackb(big), number=1, repeat=3))
+    decode = min(timeit.repeat(lambda: p.decode(big, 1 << 24), number=1, repeat=3))
+    assert decode < 10 * unpack, (decode, unpack)
+    for bad in ([1, True], [1, 2.0], [1, -1], [1, 2**63], [[1]]):
+        with pytest.raises(p.ProtocolError):
+            p.decode(raw(t="generate", req_id="r", max_new_tokens=1, prompt_ids=bad), 1 << 20)
 
 
 def test_rejects_oversized_frames():

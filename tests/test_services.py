@@ -2,14 +2,13 @@
 import asyncio
 import os
 import signal
-import subprocess
 import time
 
 import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from conftest import PROMPTS
+from conftest import PROMPTS, raw_exchange
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError
 from amusd_mq import protocol as p
@@ -146,23 +145,6 @@ async def test_bad_requests_get_clear_errors(deploy):
         assert (await client.generate(prompt_ids=[1, 2], max_new_tokens=3)).finish_reason in ("length", "stop")
 
 
-async def raw_exchange(url: str, frames: list[list[bytes]]) -> list[p.Message]:
-    """Send raw frames from a bare DEALER and collect the coordinator's replies."""
-    ctx = zmq.asyncio.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(url)
-    replies = []
-    try:
-        for parts in frames:
-            await sock.send_multipart(parts)
-            replies.append(p.decode((await asyncio.wait_for(sock.recv_multipart(), 10))[0], 1 << 30))
-    finally:
-        sock.close()
-        ctx.term()
-    return replies
-
-
 async def test_malformed_messages_are_rejected_counted_and_survived(deploy, reference, tiny_verify):
     d = deploy(AMUSD_MAX_MESSAGE_BYTES=4096)
     await d.wait_ready(timeout_s=120)
@@ -258,20 +240,10 @@ async def test_ignore_eos_decodes_past_the_end_of_text(deploy, tiny_verify):
     assert ignored.token_ids == greedy(ids, len(plain) + 10, []) and len(ignored.token_ids) > len(plain)
 
 
-async def test_vocabulary_mismatch_is_refused(deploy, tiny_cache, tmp_path):
-    from transformers import AutoTokenizer
-
-    from amusd_mq import models
-
-    odd = tmp_path / "odd-draft"
-    src = models.resolve("tiny-draft", tiny_cache)
-    subprocess.run(["cp", "-r", src, str(odd)], check=True)
-    tok = AutoTokenizer.from_pretrained(odd)
-    tok.add_tokens(["<extra>"])
-    tok.save_pretrained(odd)
+async def test_vocabulary_mismatch_is_refused(deploy, odd_draft):
     d = deploy(roles=("coordinator", "verify"))
     await d.wait_ready(drafts=0, timeout_s=120)
-    draft = d.start("draft", AMUSD_DRAFT_MODEL=str(odd))
+    draft = d.start("draft", AMUSD_DRAFT_MODEL=odd_draft)
     assert draft.wait(60) == 2
     assert "different vocabulary" in d.log_tail("draft")
 

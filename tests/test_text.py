@@ -1,13 +1,12 @@
 import pytest
 
-from amusd_mq.backend import CausalLM
-from amusd_mq.detokenize import Detokenizer, unpack_tokenizer
+from amusd_mq import vocab
+from amusd_mq.detokenize import Detokenizer
 from amusd_mq.transport import Rejects, pub_url
 
 
 def test_streamed_text_equals_full_decode_and_never_splits_characters(tiny_cache):
-    lm = CausalLM("tiny-verify", "cpu", "float32", tiny_cache)
-    tok = unpack_tokenizer(lm.packed_tokenizer())
+    tok = vocab.load("tiny-verify", tiny_cache).tokenizer
     text = "naïve café — 日本語 🙂 done"
     ids = tok.encode(text).ids
     assert len(ids) > len(text)  # multi-byte characters span several tokens
@@ -15,11 +14,6 @@ def test_streamed_text_equals_full_decode_and_never_splits_characters(tiny_cache
     pieces = [detok.push([i]) for i in ids] + [detok.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
-
-
-def test_unpack_refuses_garbage():
-    with pytest.raises(Exception):
-        unpack_tokenizer(b"not zlib")
 
 
 def test_pub_url_is_derived_from_the_router_url():

@@ -18,7 +18,7 @@ from amusd_mq.launch import ROLES
 A_IP, B_IP = "10.77.0.1", "10.77.0.2"
 URL = f"tcp://{A_IP}:5550"  # the namespaces are fresh, so the port is always free
 PROMPT = "def fib(n):"
-CLIENT = str(Path(__file__).with_name("netns_client.py"))
+CLIENT = str(Path(__file__).with_name("client_process.py"))
 CUT_S = 2.0
 
 

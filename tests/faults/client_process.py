@@ -1,6 +1,6 @@
-"""A client for test_netns.py to run inside a network namespace: wait until a verifier and a draft have registered,
-stream one generation, and print JSON lines: {"t", "ids"} per chunk, then {"done"} or {"error", "message"}.
-CURVE keys, if any, come from the AMUSD_CURVE_* environment."""
+"""A client in a process of its own, for tests that run it inside a network namespace or kill it mid-stream: wait
+until a verifier and a draft have registered, stream one generation, and print JSON lines: {"t", "ids"} per chunk,
+then {"done"} or {"error", "message"}. CURVE keys, if any, come from the AMUSD_CURVE_* environment."""
 import argparse
 import asyncio
 import json
@@ -13,7 +13,7 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-async def main(url: str, prompt: str, max_new_tokens: int, ready_s: float) -> None:
+async def main(url: str, prompt: str, max_new_tokens: int, ready_s: float, ignore_eos: bool) -> None:
     deadline = time.monotonic() + ready_s
     while True:
         try:
@@ -28,7 +28,7 @@ async def main(url: str, prompt: str, max_new_tokens: int, ready_s: float) -> No
         await asyncio.sleep(0.2)
     try:
         async with AsyncClient(url, timeout_s=30) as client:
-            stream = client.stream(prompt, max_new_tokens=max_new_tokens)
+            stream = client.stream(prompt, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
             async for chunk in stream:
                 emit(t=time.monotonic(), ids=chunk.token_ids)
     except AmusdError as exc:
@@ -42,5 +42,6 @@ if __name__ == "__main__":
     parser.add_argument("prompt")
     parser.add_argument("max_new_tokens", type=int)
     parser.add_argument("--ready-s", type=float, default=120)
+    parser.add_argument("--ignore-eos", action="store_true")
     args = parser.parse_args()
-    asyncio.run(main(args.url, args.prompt, args.max_new_tokens, args.ready_s))
+    asyncio.run(main(args.url, args.prompt, args.max_new_tokens, args.ready_s, args.ignore_eos))
