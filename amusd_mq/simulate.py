@@ -3,7 +3,7 @@
 Fed a traced prompt (which draft guesses are right) and a latency profile (t_d per draft step, t_v(n)
 for a verify pass over n tokens), it returns the commit time of every token. A measured run divided by
 this is the share of the schedule's own speed that the implementation delivers. Also here: the analytic
-bounds of REFERENCE.md section 2.
+bounds of synchronous and asynchronous speculation for a per-token acceptance alpha and a cost ratio c.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def ms_per_token(times: list[float]) -> float:
 
 
 def bounds(alpha: float, c: float, t_v: float, t_d: float) -> dict[str, float]:
-    """Speedups over autoregressive decoding that no schedule of each kind can beat (REFERENCE.md 2)."""
+    """Speedups over autoregressive decoding that no schedule of each kind can beat."""
     alpha = min(alpha, 1 - 1e-9)
 
     def sync(g):

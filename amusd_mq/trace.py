@@ -2,7 +2,7 @@
 
 A trace holds, for each prompt, the verify model's greedy output y and the draft's teacher-forced guess
 d_i for each position i (its greedy choice given prompt + y[:i]). With chain drafting only the first
-wrong guess matters, so these fix the outcome of every greedy schedule (REFERENCE.md section 6). A
+wrong guess matters, so these fix the outcome of every greedy schedule. A
 TraceLM is a drop-in model whose choices come from the trace and whose time comes from a latency profile
 (sleeps of t_d and t_v(n)) or from a real forward pass of a random-weight model of a given shape.
 """

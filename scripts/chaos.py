@@ -86,10 +86,11 @@ class Hostile:
             except AmusdError:
                 self.figures["events_spoiled_by_a_strike"].append(1)  # e.g. the coordinator restarted meanwhile
 
-    async def status(self) -> p.StatusReply | None:
+    async def status(self) -> tuple[str, p.StatusReply] | None:
+        """The coordinator's run and its counters, or None when it doesn't answer."""
         try:
             async with AsyncClient(self.d.url, timeout_s=2.0) as client:
-                return await client.status()
+                return client.welcome.instance, await client.status()
         except AmusdError:
             return None
 
@@ -128,14 +129,17 @@ class Hostile:
 
     async def killed_client(self) -> None:
         """A client SIGKILLed mid-stream: the coordinator frees its request within the liveness window."""
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, self.d.url], stdout=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, self.d.url], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
 
-        async def kill():
+        async def streaming() -> bool:
+            return bool(await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30))  # not failed
+
+        async def kill() -> None:
             proc.kill()
 
         try:
-            await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
-            await self.time_until_cancelled("killed_client_freed_s", kill)
+            await self.time_until_cancelled("killed_client_freed_s", streaming, kill)
         finally:
             proc.kill()
             proc.wait()
@@ -144,29 +148,35 @@ class Hostile:
         """A client closed mid-stream: its cancel frees the request at once."""
         client = AsyncClient(self.d.url, timeout_s=10)
         await client.connect()
-        try:
-            stream = client.stream(prompt_ids=[1, 2, 3], max_new_tokens=2000, ignore_eos=True)
+
+        stream = client.stream(prompt_ids=[1, 2, 3], max_new_tokens=2000, ignore_eos=True)  # held: not collected
+
+        async def streaming() -> bool:
             await stream.__anext__()
-            await self.time_until_cancelled("closed_client_freed_s", client.close)
+            return True
+
+        try:
+            await self.time_until_cancelled("closed_client_freed_s", streaming, client.close)
         finally:
             await client.close()
 
-    async def time_until_cancelled(self, figure: str, abandon) -> None:
-        """Abandon a running request and time it until the coordinator counts it cancelled."""
+    async def time_until_cancelled(self, figure: str, streaming, abandon) -> None:
+        """Abandon a running request and time it until the coordinator counts it cancelled. A coordinator
+        restarted meanwhile spoils the measurement."""
         before = await self.status()
-        if before is None:
+        if before is None or not await streaming():
             return
         await abandon()
         abandoned = time.monotonic()
         while time.monotonic() - abandoned < 10 * self.window_s:
             now = await self.status()
-            if now is None or now.cancelled < before.cancelled:  # the coordinator restarted meanwhile
+            if now is None or now[0] != before[0]:
                 return
-            if now.cancelled > before.cancelled:
+            if now[1].cancelled > before[1].cancelled:
                 self.figures[figure].append(time.monotonic() - abandoned)
                 return
             await asyncio.sleep(0.05)
-        self.figures[f"{figure[:-2]}never"].append(1)
+        self.figures[figure.removesuffix("_s") + "_never"].append(1)
 
     async def flood(self) -> None:
         """One client sends FLOOD requests at once: all but FLOOD_LIMIT are refused, and close() cancels those."""
@@ -178,8 +188,12 @@ class Hostile:
         self.figures["flood_refused"].append(sum(isinstance(r, OverloadedError) for r in results))
 
     async def restarts(self) -> None:
-        """Three coordinator restarts in a row, a wrong-vocabulary worker waiting to register before the first."""
-        self.busy.add("coordinator")
+        """Three coordinator restarts in a row, a wrong-vocabulary worker waiting to register before the first. The
+        soak strikes no service meanwhile, so the time measured is the workers' coming back, not a restarted one's
+        loading its model."""
+        while self.busy:
+            await asyncio.sleep(0.1)
+        self.busy.update(self.d.procs)
         try:
             for i in range(3):
                 old = self.d.procs.pop("coordinator")
@@ -196,7 +210,7 @@ class Hostile:
                     self.figures["wrong_vocabulary_exit_code"].append(await asyncio.to_thread(odd.wait, 60))
                     self.d.procs.pop("odd-draft")
         finally:
-            self.busy.discard("coordinator")
+            self.busy.clear()
 
     async def welcome_when(self, ready) -> float:
         while True:
