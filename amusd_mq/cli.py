@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(exc))
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command in SERVICE_ROLES:
-        sys.exit(run_service(args.command, cfg))
+        sys.exit(run_service(args.command, cfg, c.is_set("runner", args)))
     if args.command == "generate":
         sys.exit(_run(_generate(cfg, args.prompt, max_new_tokens=args.max_new_tokens, lookahead=args.request_lookahead,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -115,7 +115,8 @@ def _dataset_flags(parser: argparse.ArgumentParser) -> None:
 def _tokenized(cfg: c.Config, args) -> list[tuple[str, list[int]]]:
     from transformers import AutoTokenizer
 
-    from . import datasets, models
+    from . import models
+    from .bench import datasets
 
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(cfg.verify_model, cfg.cache_dir))
     return [(pid, tokenizer(text)["input_ids"]) for pid, text in datasets.load(args.dataset, args.prompts)]
@@ -125,8 +126,8 @@ def bench_main(cfg: c.Config, args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from .bench import Bench
-    from .trace import Trace
+    from .bench.run import Bench, format_table
+    from .bench.trace import Trace
     from .vocab import TRACE_PREFIX
 
     sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
@@ -146,8 +147,6 @@ def bench_main(cfg: c.Config, args) -> int:
     strategies = args.strategies.split(",")
     summary = Bench(cfg, args.backend, prompts, trace, args.max_new_tokens, [int(g) for g in args.gammas.split(",")],
                     cfg.lookahead, strategies, out, sampling).run()
-    from .bench import format_table
-
     print(format_table(summary))
     for diff in summary["differences"]:
         print(f"{diff['prompt']} {diff['strategy']}: {diff['difference']}")
@@ -158,12 +157,11 @@ def bench_main(cfg: c.Config, args) -> int:
 def record_main(cfg: c.Config, args) -> int:
     from tqdm import tqdm
 
-    from .backend import CausalLM
-    from .trace import record
+    from .bench.trace import record
+    from .runtime.load import for_role
 
     prompts = _tokenized(cfg, args)
-    draft = CausalLM(cfg.draft_model, cfg.draft_device, cfg.dtype, cfg.cache_dir)
-    verify = CausalLM(cfg.verify_model, cfg.verify_device, cfg.dtype, cfg.cache_dir)
+    draft, verify = for_role(cfg, c.DRAFT), for_role(cfg, c.VERIFY)
     with tqdm(total=len(prompts), desc="recording", unit="prompt") as bar:
         trace = record(draft, verify, prompts, args.max_new_tokens, cfg.dtype, bar)
     trace.save(args.out)
@@ -177,14 +175,14 @@ def _run(coro) -> int:
     return uvloop.run(coro)
 
 
-def run_service(role: str, cfg: c.Config) -> int:
-    code = _run(_service(role, cfg))
+def run_service(role: str, cfg: c.Config, runner_chosen: bool) -> int:
+    code = _run(_service(role, cfg, runner_chosen))
     logging.shutdown()
     # The model thread is a daemon and may be mid-forward: leave without waiting for it.
     os._exit(code)
 
 
-async def _service(role: str, cfg: c.Config) -> int:
+async def _service(role: str, cfg: c.Config, runner_chosen: bool) -> int:
     if cfg.fault_drop or cfg.fault_dup or cfg.fault_delay:
         from . import transport
 
@@ -192,13 +190,13 @@ async def _service(role: str, cfg: c.Config) -> int:
                                             cfg.fault_seed)
         logging.getLogger("amusd_mq").warning("injecting message faults: %s", transport.faults)
         try:
-            return await _serve_role(role, cfg)
+            return await _serve_role(role, cfg, runner_chosen)
         finally:
             logging.getLogger("amusd_mq").warning("message faults injected: %s", dict(transport.faults.counts))
-    return await _serve_role(role, cfg)
+    return await _serve_role(role, cfg, runner_chosen)
 
 
-async def _serve_role(role: str, cfg: c.Config) -> int:
+async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
     """A service's exit code: 0 when stopped by a signal, 2 when it can't serve as configured, 1 when a core
     task failed (logged with its traceback), so that a supervisor restarts it."""
     loop = asyncio.get_running_loop()
@@ -212,7 +210,7 @@ async def _serve_role(role: str, cfg: c.Config) -> int:
 
             await Coordinator(cfg).run(stop)
         else:
-            await _work(role, cfg, stop)
+            await _work(role, cfg, runner_chosen, stop)
     except c.ConfigurationError as exc:
         log.error("%s", exc)
         return 2
@@ -222,25 +220,30 @@ async def _serve_role(role: str, cfg: c.Config) -> int:
     return 0
 
 
-async def _work(role: str, cfg: c.Config, stop: asyncio.Event) -> None:
-    from .backend import ModelThread
+async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Event) -> None:
     from .draft import DraftWorker
+    from .runtime.thread import ModelThread
     from .tasks import first_to_end
     from .verify import VerifyWorker
 
-    name, device = (cfg.draft_model, cfg.draft_device) if role == c.DRAFT else (cfg.verify_model, cfg.verify_device)
     thread = ModelThread(cfg.threads)
-    loading = await first_to_end(stop, [thread.submit(_load_warm, name, role, device, cfg.dtype, cfg.cache_dir,
-                                                      cfg.trace_compute)])
+    loading = await first_to_end(stop, [thread.submit(_load_warm, cfg, role, runner_chosen)])
     if loading is None:
         return
     await (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, loading.result(), thread).run(stop)
 
 
-def _load_warm(*args):
-    from .backend import load_model
+def _load_warm(cfg: c.Config, role: str, runner_chosen: bool = False):
+    from .runtime.load import for_role
+    from .vocab import TRACE_PREFIX
 
-    lm = load_model(*args)
+    if cfg.model_of(role)[0].startswith(TRACE_PREFIX):
+        from .bench.trace import TraceLM  # a benchmark's replay of a model: only benchmark deployments name one
+
+        lm = TraceLM.for_role(cfg, role)
+    else:
+        lm = for_role(cfg, role, runner_chosen)
+    logging.getLogger("amusd_mq").info("%s: %s runner", lm.name, lm.runner)
     lm.warm_up()
     return lm
 
@@ -304,10 +307,10 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
     import torch
 
-    from .baselines import autoregressive, explain_difference
+    from .bench.baselines import autoregressive, explain_difference
 
     torch.set_num_threads(ar_threads)
-    lm = _load_warm(cfg.verify_model, c.VERIFY, cfg.verify_device, cfg.dtype, cfg.cache_dir, cfg.trace_compute)
+    lm = _load_warm(cfg, c.VERIFY)
     start = time.perf_counter()
     ar_ids = autoregressive(lm, result.prompt_ids, max_new_tokens, lm.eos_token_ids).token_ids
     ar_s = time.perf_counter() - start

@@ -45,6 +45,12 @@ SETTINGS = (
     Setting("draft_device", "cpu", "Torch device of the draft model (cpu, cuda:N).", (DRAFT,)),
     Setting("verify_device", "cpu", "Torch device of the verify model (cpu, cuda:N).", (VERIFY,)),
     Setting("dtype", "bfloat16", "Model dtype: float32, bfloat16 or float16.", WORKERS),
+    Setting("runner", "native", "What computes the forward passes: native (a purpose-built forward over a slot KV "
+            "cache, CUDA-graphed on a GPU) or hf (transformers, the reference). A model the native runner doesn't "
+            "know falls back to hf with a log line, unless native is set explicitly.", WORKERS),
+    Setting("max_context", 4096, "Longest sequence (prompt plus output) a worker holds; the KV cache is sized for it "
+            "(capped at the model's own context).", WORKERS),
+    Setting("kv_slots", 4, "Sequences a worker's KV cache holds at once.", WORKERS),
     Setting("lookahead", 8, "Most draft tokens in flight past the committed position (per-request override).",
             (COORDINATOR,)),
     Setting("threads", 0, "Torch CPU threads per worker (0: torch's default).", WORKERS),
@@ -95,6 +101,9 @@ class Config:
     draft_device: str
     verify_device: str
     dtype: str
+    runner: str
+    max_context: int
+    kv_slots: int
     lookahead: int
     threads: int
     heartbeat_s: float
@@ -123,7 +132,8 @@ class Config:
 
     def __post_init__(self):
         checks = {
-            "lookahead": self.lookahead >= 1, "threads": self.threads >= 0, "heartbeat_s": self.heartbeat_s > 0,
+            "lookahead": self.lookahead >= 1, "threads": self.threads >= 0, "runner": self.runner in ("native", "hf"),
+            "max_context": self.max_context >= 16, "kv_slots": self.kv_slots >= 2, "heartbeat_s": self.heartbeat_s > 0,
             "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
             "max_queue": self.max_queue >= 1, "max_client_requests": self.max_client_requests >= 1,
             "timeout_s": self.timeout_s > 0, "failover_s": self.failover_s >= 0,
@@ -139,6 +149,10 @@ class Config:
     @property
     def heartbeat_expiry_s(self) -> float:
         return self.heartbeat_s * self.liveness
+
+    def model_of(self, role: str) -> tuple[str, str]:
+        """The model a worker of `role` serves, and its device."""
+        return (self.draft_model, self.draft_device) if role == DRAFT else (self.verify_model, self.verify_device)
 
 
 def _parse(setting: Setting, raw: str):
@@ -161,6 +175,12 @@ def add_flags(parser: argparse.ArgumentParser, role: str | None = None) -> None:
         if role is None or role in s.used_by:
             parser.add_argument(s.flag, dest=s.name, default=None, metavar=type(s.default).__name__.upper(),
                                 help=f"{s.help} [env {s.env}, default {s.default}]")
+
+
+def is_set(name: str, args: argparse.Namespace | None = None, env: dict | None = None) -> bool:
+    """Whether a setting was given, by flag or environment, rather than left at its default."""
+    env = os.environ if env is None else env
+    return getattr(args, name, None) is not None or BY_NAME[name].env in env
 
 
 def load(args: argparse.Namespace | None = None, env: dict | None = None) -> Config:

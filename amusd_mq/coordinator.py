@@ -384,8 +384,9 @@ class Coordinator:
             await self._reject(identity, "invalid_register", f"unknown role {msg.role!r}")
             return
         if msg.vocab_hash != self.vocab.hash:
-            await self._reject(identity, "vocab_mismatch", f"{msg.role} model {msg.model} has a different vocabulary "
-                                                           f"from {self.cfg.verify_model}, which this coordinator serves")
+            await self._reject(identity, "vocab_mismatch",
+                               f"{msg.role} model {msg.model} has a different vocabulary from {self.cfg.verify_model}, "
+                               f"which this coordinator serves")
             return
         old = self.workers.get(identity)
         if old is not None:
@@ -519,9 +520,10 @@ class Coordinator:
         req.verifier = req.draft = None
 
     async def _finish(self, req: Request) -> None:
+        """Called on the verdict that ends the request, so its verifier is the one that computed it."""
+        stats = {**req.seq.summary(), "seed": req.sampling.seed, "runner": self.workers[req.verifier].info.runner}
         await send(self.router, p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
-                                       prompt_ids=req.seq.prompt_ids,
-                                       stats={**req.seq.summary(), "seed": req.sampling.seed}), req.client)
+                                       prompt_ids=req.seq.prompt_ids, stats=stats), req.client)
         self.served += 1
         await self._forget(req)
 

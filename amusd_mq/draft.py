@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from . import protocol as p
-from .backend import Session, propose
 from .config import DRAFT
+from .runtime.lm import Session, propose
 from .sampling import GREEDY, Sampling, sampling_of
 from .security import secure
 from .tasks import surviving
@@ -40,6 +40,7 @@ class DraftRequest:
     guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: each guess's q
     revision: int = 0  # bumped whenever guesses are thrown away
+    cut: int | None = None  # the first guess thrown away since the last step: where the KV cache rolls back to
     done: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -62,6 +63,7 @@ class DraftRequest:
         if diverged is not None:
             del self.guess[diverged:]
             self.revision += 1
+            self.cut = diverged if self.cut is None else min(self.cut, diverged)
         self.guess.extend(self.committed[len(self.guess):])
         self.wake.set()
         return True
@@ -148,20 +150,23 @@ class DraftWorker(Worker):
                 await send(self.dealer, self._proposal(r, n, len(r.guess)))
 
     async def serve(self, r: DraftRequest) -> None:
-        session = self.lm.session()
-        while not r.done:
-            if r.idle(self.lm.max_context):
-                r.wake.clear()
-                await r.wake.wait()
-                continue
-            pos, revision = len(r.guess), r.revision
-            token, ids, probs = await self.thread.submit(self._step, session, r.prompt + r.guess, pos, r.sampling)
-            if r.done or r.revision != revision or len(r.guess) != pos:
-                continue  # a commit overtook this step
-            r.guess.append(token)
-            if ids is not None:
-                r.dists[pos] = (ids, probs)
-            await send(self.dealer, self._proposal(r, pos, pos + 1))
+        with self.lm.session() as session:
+            while not r.done:
+                if r.idle(self.lm.max_context):
+                    r.wake.clear()
+                    await r.wake.wait()
+                    continue
+                pos, revision = len(r.guess), r.revision
+                cut, r.cut = r.cut, None
+                token, ids, probs = await self.thread.submit(
+                    self._step, session, r.prompt + r.guess, pos, r.sampling,
+                    len(r.prompt) + cut if cut is not None else len(r.prompt) + pos)
+                if r.done or r.revision != revision or len(r.guess) != pos:
+                    continue  # a commit overtook this step
+                r.guess.append(token)
+                if ids is not None:
+                    r.dists[pos] = (ids, probs)
+                await send(self.dealer, self._proposal(r, pos, pos + 1))
 
     @staticmethod
     def _proposal(r: DraftRequest, start: int, end: int) -> p.Propose:
@@ -170,7 +175,8 @@ class DraftWorker(Worker):
         return p.Propose(req_id=r.rid, epoch=r.epoch, pos=start, token_ids=r.guess[start:end],
                          q_ids=[d[0] for d in dists], q_probs=[d[1] for d in dists])
 
-    def _step(self, session: Session, seq: list[int], pos: int, sampling: Sampling):
+    def _step(self, session: Session, seq: list[int], pos: int, sampling: Sampling, valid: int):
+        session.rollback(valid)
         token, ids, probs = propose(session, seq, pos, sampling)
         if self.cfg.draft_delay_ms:
             time.sleep(self.cfg.draft_delay_ms / 1000)

@@ -96,7 +96,7 @@ class Done(Message):
     req_id: str
     finish_reason: str
     prompt_ids: list[int]
-    stats: dict[str, Union[int, float]]
+    stats: dict[str, Union[int, float, str]]
 
 
 @message
@@ -152,6 +152,7 @@ class Register(Message):
     TYPE = "register"
     role: str  # "draft" or "verify"
     model: str
+    runner: str  # what computes its forward passes: "native" or "hf" (or a benchmark's stand-in)
     vocab_size: int
     vocab_hash: str
     max_context: int

@@ -128,21 +128,33 @@ class Sampling:
     def verify_exact(self, logits: torch.Tensor, draft: list[int], start: int,
                      q: list[tuple[list[int], list[float]]]) -> tuple[list[int], int]:
         """One exact-mode verify pass over logits [len(draft) + 1, vocab] predicting positions start, ...:
-        the accepted prefix of `draft` plus the verifier's own next token, and how many were accepted."""
+        the accepted prefix of `draft` plus the verifier's own next token, and how many were accepted. It runs
+        where the logits are, and copies two numbers to the host."""
         import torch
 
-        positions = list(range(start, start + len(draft) + 1))
+        n, device = len(draft), logits.device
+        positions = list(range(start, start + n + 1))
         p = self.probs(logits)
-        accept = uniforms(self.seed, positions, ACCEPT).tolist()
-        resample = uniforms(self.seed, positions, RESIDUAL).tolist()
-        for i, x in enumerate(draft):
-            dense = torch.zeros_like(p[i])
-            dense[q[i][0]] = torch.tensor(q[i][1], dtype=dense.dtype, device=dense.device)
-            if accept[i] * dense[x] < p[i, x]:  # with probability min(1, p(x) / q(x))
-                continue
-            residual = (p[i] - dense).clamp(min=0)
-            return draft[:i] + [_draw(residual if residual.sum() > 0 else p[i], resample[i])], i
-        return draft + [_draw(p[len(draft)], resample[len(draft)])], len(draft)
+        # The draft's distributions, dense; the row after the last draft token stays zero, so that its residual
+        # is the verifier's own distribution: what it samples when every guess is accepted.
+        dense = torch.zeros_like(p)
+        if n:
+            rows = torch.tensor([i for i, (ids, _) in enumerate(q) for _ in ids], device=device)
+            cols = torch.tensor([t for ids, _ in q for t in ids], device=device)
+            dense[rows, cols] = torch.tensor([x for _, probs in q for x in probs], dtype=p.dtype, device=device)
+        accept = uniforms(self.seed, positions, ACCEPT, device=device)
+        resample = uniforms(self.seed, positions, RESIDUAL, device=device)
+        guesses = torch.tensor(draft, dtype=torch.long, device=device)
+        steps = torch.arange(n, device=device)
+        # Accepted with probability min(1, p(x) / q(x)); the first rejection ends the pass.
+        rejected = ~(accept[:n] * dense[steps, guesses] < p[steps, guesses])
+        first = torch.where(rejected.any(), rejected.int().argmax(), n) if n else torch.tensor(0, device=device)
+        residual = (p[first] - dense[first]).clamp(min=0)
+        weights = torch.where(residual.sum() > 0, residual, p[first])
+        cdf = weights.cumsum(0)
+        token = torch.searchsorted(cdf, (resample[first] * cdf[-1]).reshape(1), right=True).clamp(max=len(cdf) - 1)
+        accepted, token = torch.stack([first, token[0]]).tolist()
+        return draft[:accepted] + [token], accepted
 
 
 GREEDY = Sampling()

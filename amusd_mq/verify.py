@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 from . import protocol as p
-from .backend import Session, verify
 from .config import VERIFY
+from .runtime.lm import Session, verify
 from .sampling import GREEDY, Sampling, proposal_problem, sampling_of
 from .sequence import Sequence
 from .transport import send
@@ -116,21 +116,21 @@ class VerifyWorker(Worker):
         r.offer(msg.epoch, msg.pos, msg.token_ids, msg.q_ids, msg.q_probs)
 
     async def serve(self, r: VerifyRequest) -> None:
-        session = self.lm.session()
         last = None
-        while not r.done and not r.seq.done:
-            draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
-            tokens, accepted, step_ms = await self.thread.submit(
-                self._step, session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
-                r.dists_of(draft))
-            if r.done:
-                return
-            start = len(r.seq.committed)
-            tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
-            r.settle(start, tokens)
-            last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft), accepted=accepted,
-                             epoch=r.epoch, step_ms=step_ms)
-            await send(self.dealer, last)
+        with self.lm.session() as session:
+            while not r.done and not r.seq.done:
+                draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
+                tokens, accepted, step_ms = await self.thread.submit(
+                    self._step, session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
+                    r.dists_of(draft))
+                if r.done:
+                    return
+                start = len(r.seq.committed)
+                tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
+                r.settle(start, tokens)
+                last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
+                                 accepted=accepted, epoch=r.epoch, step_ms=step_ms)
+                await send(self.dealer, last)
         # Nothing follows the last verdict, so its loss would go unnoticed: repeat it until released.
         while last is not None and r.seq.done and not r.done:
             if not await r.wait(self.cfg.heartbeat_s):

@@ -16,8 +16,9 @@ import zmq
 import zmq.asyncio
 
 from . import protocol as p
-from .backend import CausalLM, ModelThread
 from .config import Config, ConfigurationError
+from .runtime.lm import LM
+from .runtime.thread import ModelThread
 from .security import load_keys, secure
 from .tasks import first_to_end, surviving
 from .transport import Rejects, make_socket, recv_valid, send
@@ -29,7 +30,7 @@ BACKOFF_CAP_BEATS = 2  # the longest wait between registrations, in heartbeats
 class Worker:
     role = ""
 
-    def __init__(self, cfg: Config, lm: CausalLM, thread: ModelThread, ctx: zmq.asyncio.Context | None = None):
+    def __init__(self, cfg: Config, lm: LM, thread: ModelThread, ctx: zmq.asyncio.Context | None = None):
         self.cfg = cfg
         self.lm = lm
         self.thread = thread
@@ -46,8 +47,8 @@ class Worker:
                          p.Error: self.on_error}
 
     def register_message(self) -> p.Register:
-        return p.Register(role=self.role, model=self.lm.name, vocab_size=self.lm.vocab_size,
-                          vocab_hash=self.lm.vocab_hash(), max_context=self.lm.max_context,
+        return p.Register(role=self.role, model=self.lm.name, runner=self.lm.runner, vocab_size=self.lm.vocab_size,
+                          vocab_hash=self.lm.info.vocab_hash, max_context=self.lm.max_context,
                           eos_token_ids=self.lm.eos_token_ids)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -92,7 +93,8 @@ class Worker:
             await send(self.dealer, register)
             self.last_heard = time.monotonic()
             await self._wait_registered()
-            log.info("%s worker registered with %s (%s)", self.role, self.cfg.coordinator_url, self.lm.name)
+            log.info("%s worker registered with %s (%s, %s runner)", self.role, self.cfg.coordinator_url, self.lm.name,
+                     self.lm.runner)
             await self.on_registered()
             # Only the heartbeat returns; the receive loops end by raising, which ends the process.
             await first_to_end(None, [self._recv_loop(), self._heartbeat(), *self.extra_tasks()])

@@ -6,8 +6,9 @@ time, and for a share of them SIGKILLs (then restarts) or SIGSTOPs (then resumes
 message between services is dropped, duplicated or held back with probability P each. A request whose
 coordinator restarted is submitted again (Lazy Pirate). Every output is checked against the verify model's
 own greedy decoding. With --hostile, careless and hostile peers act beside the soak, one after another: poison
-frames, a 3 MiB prompt, a client killed or closed mid-stream, one client's flood, and with --coordinator three coordinator
-restarts in a row with a wrong-vocabulary worker waiting to register first. Each is timed against what the service promises.
+frames, a 3 MiB prompt, a client killed or closed mid-stream, one client's flood, and with --coordinator three
+coordinator restarts in a row with a wrong-vocabulary worker waiting to register first. Each is timed against what
+the service promises.
 
     python scripts/chaos.py --requests 200 --fault-rate 0.5 --coordinator --message-faults 0.02 --hostile
 """
@@ -34,12 +35,20 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from amusd_mq import (AmusdError, AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError,
-                      OverloadedError, RequestFailedError, models)
+from amusd_mq import (
+    AmusdError,
+    AsyncClient,
+    CoordinatorUnavailableError,
+    InvalidRequestError,
+    NoWorkerError,
+    OverloadedError,
+    RequestFailedError,
+    models,
+)
 from amusd_mq import protocol as p
-from amusd_mq.backend import CausalLM
-from amusd_mq.baselines import autoregressive
+from amusd_mq.bench.baselines import autoregressive
 from amusd_mq.launch import Deployment
+from amusd_mq.runtime.load import load
 from amusd_mq.transport import recv
 
 WORKERS = ("verify", "verify-b", "draft", "draft-b")
@@ -257,7 +266,7 @@ async def main() -> int:
            "AMUSD_MAX_CLIENT_REQUESTS": str(FLOOD_LIMIT),
            **({f"AMUSD_FAULT_{k}": str(args.message_faults) for k in ("DROP", "DUP", "DELAY")}
               if args.message_faults else {})}
-    verify = CausalLM("tiny-verify", "cpu", "float32")
+    verify = load("tiny-verify", "cpu", "float32")
     d = Deployment(env, f"{tmp}/logs", roles=("coordinator", "verify", "draft"))
     d.start("verify", name="verify-b")
     d.start("draft", name="draft-b")

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The GPU benchmark of issue 3, on one card:
-#  1. shared-card: the trace backend doing real compute at Llama-3.2-1B / Llama-3.1-8B shapes (random weights,
-#     bf16), draft and verify as separate processes sharing the card;
-#  2. two-cards: the same schedules in latency-model mode, with the step times measured on this card in run 1
-#     while nothing else ran on it: what two cards would give.
-# Decisions come from a recorded trace of the real Qwen pair, so every strategy's output is checked exactly.
+# The GPU benchmark, on one card:
+#  1. steps: each runner's forward step at Llama-3.2-1B / Llama-3.1-8B shapes (random weights, bf16) beside its
+#     memory floor (weight bytes / the copy bandwidth measured in the same run);
+#  2. two-cards: the schedules in latency-model mode at the native runner's step times from run 1: what a draft
+#     and a verifier on two cards would give;
+#  3. one-card: the trace backend doing real compute at those shapes with the native runner, draft and verify as
+#     separate processes sharing the card under CUDA MPS (started here when they share it, stopped at the end).
+# Decisions come from a recorded trace of the real Qwen pair, so every strategy's output is checked exactly, and
+# every strategy is warmed up on the first prompt before timing.
 # Usage: scripts/gpu_bench.sh   (env: TRACE, PROMPTS, SHAPES, DEVICE, DTYPE, OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,13 +18,18 @@ DEVICE=${DEVICE:-cuda:0}
 DTYPE=${DTYPE:-bfloat16}
 OUT=${OUT:-bench-results/gpu-$(date +%Y%m%d-%H%M%S)}
 COMMON=(--backend trace --trace "$TRACE" --prompts "$PROMPTS" --max-new-tokens 128 --dtype "$DTYPE"
-        --draft-device "$DEVICE" --verify-device "$DEVICE" --strategies ar,sd,async,amusd-policy)
-python -m amusd_mq bench "${COMMON[@]}" --trace-compute "shape:$SHAPES" --out "$OUT/shared-card"
-python - "$OUT" <<'PY'
-import json, sys
-out = sys.argv[1]
-profile = json.load(open(f"{out}/shared-card/results.json"))["profiles"]["workers"]
-json.dump(profile, open(f"{out}/profile.json", "w"))
-print("step times on this card:", profile)
-PY
-python -m amusd_mq bench "${COMMON[@]}" --trace-compute "latency:$OUT/profile.json" --out "$OUT/two-cards"
+        --draft-device "$DEVICE" --verify-device "$DEVICE" --max-context 1024 --runner native)
+
+python -m amusd_mq.bench.steps --models "$SHAPES" --runners native,hf --device "$DEVICE" --dtype "$DTYPE" \
+    --out "$OUT/steps"
+python -m amusd_mq bench "${COMMON[@]}" --strategies ar,sd,async,amusd-policy \
+    --trace-compute "latency:$OUT/steps/native-profile.json" --out "$OUT/two-cards"
+
+if [[ "$DEVICE" == cuda* ]] && command -v nvidia-cuda-mps-control >/dev/null; then
+    # Without MPS two processes time-slice the card and each runs about twice as slow; with it their kernels
+    # share the card at once.
+    nvidia-cuda-mps-control -d
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+python -m amusd_mq bench "${COMMON[@]}" --strategies ar,sd,async --gammas 4 --trace-compute "shape:$SHAPES" \
+    --out "$OUT/one-card"

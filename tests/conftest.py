@@ -12,6 +12,7 @@ import zmq.asyncio
 from amusd_mq import models
 from amusd_mq import protocol as p
 from amusd_mq.launch import ROLES, Deployment
+from amusd_mq.runtime.load import load
 
 PROMPTS = [
     "def fib(n):", "Hello, world", "import numpy as np\n", "The quick brown fox", "class Stack:\n    def push(",
@@ -35,13 +36,25 @@ def tiny_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_verify(tiny_cache):
-    from amusd_mq.backend import CausalLM
-
-    return CausalLM("tiny-verify", "cpu", "float32", tiny_cache)
+    """The tiny verify model as the services load it, by default on the native runner."""
+    return load("tiny-verify", "cpu", "float32", tiny_cache)
 
 
 @pytest.fixture(scope="session")
-def reference(tiny_verify):
+def tiny_draft(tiny_cache):
+    return load("tiny-draft", "cpu", "float32", tiny_cache)
+
+
+@pytest.fixture(scope="session")
+def hf_verify(tiny_cache):
+    """transformers' own tiny verify model: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(models.resolve("tiny-verify", tiny_cache), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def reference(hf_verify):
     """The verify model's own greedy output, straight from transformers' generate()."""
     memo = {}
 
@@ -49,8 +62,8 @@ def reference(tiny_verify):
         key = (tuple(prompt_ids), max_new_tokens)
         if key not in memo:
             with torch.inference_mode():
-                out = tiny_verify.model.generate(torch.tensor([prompt_ids]), do_sample=False,
-                                                 max_new_tokens=max_new_tokens, pad_token_id=0)
+                out = hf_verify.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids)),
+                                         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0)
             memo[key] = out[0, len(prompt_ids):].tolist()
         return memo[key]
 

@@ -14,7 +14,8 @@ SAMPLES = [
     p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(instance="i"), p.Status(),
     p.StatusReply(verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4, cancelled=1,
                   clients_lost=0),
-    p.Register(role="verify", model="m", vocab_size=9, vocab_hash="h", max_context=8, eos_token_ids=[]),
+    p.Register(role="verify", model="m", runner="native", vocab_size=9, vocab_hash="h", max_context=8,
+               eos_token_ids=[]),
     p.Registered(seq=3, heartbeat_s=1.0), p.Heartbeat(),
     p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3,
              policy="eager"),
@@ -59,7 +60,7 @@ def raw(**body):
     (raw(t="propose", req_id="r", epoch=True, pos=0, token_ids=[1]), "field"),
     (raw(t="propose", req_id="r", epoch=0, pos=0, token_ids=[2**63]), "field"),
     (raw(t="registered", seq=0, heartbeat_s=float("nan")), "field"),
-    (raw(t="done", req_id="r", finish_reason="stop", prompt_ids=[], stats={"a": "b"}), "field"),
+    (raw(t="done", req_id="r", finish_reason="stop", prompt_ids=[], stats={"a": [1]}), "field"),
 ])
 def test_rejects_bad_frames(frame, kind):
     with pytest.raises(p.ProtocolError) as err:

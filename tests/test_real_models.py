@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from amusd_mq import AsyncClient, models
-from amusd_mq.backend import CausalLM
 
 DRAFT, VERIFY = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
 PROMPT = "def is_prime(n):\n"
@@ -26,11 +25,15 @@ async def test_real_pair_output_is_the_verify_models_own(deploy, real_cache):
     async with AsyncClient(d.url, timeout_s=120) as client:
         result = await client.generate(PROMPT, max_new_tokens=MAX_NEW)
     d.stop()  # free the memory before loading the reference model here
-    lm = CausalLM(VERIFY, "cpu", "float32", real_cache)
-    ids = lm.tokenizer(PROMPT)["input_ids"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = models.resolve(VERIFY, real_cache)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = tokenizer(PROMPT)["input_ids"]
     with torch.inference_mode():
-        ref = lm.model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist()
+        ref = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=MAX_NEW)[0, len(ids):].tolist()
     assert result.prompt_ids == ids
     assert result.token_ids == ref
     assert result.stats["accepted"] > 0  # the real draft does get tokens accepted
-    assert result.text == lm.tokenizer.decode(ref, skip_special_tokens=True)
+    assert result.text == tokenizer.decode(ref, skip_special_tokens=True)

@@ -9,8 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from amusd_mq import AsyncClient
-from amusd_mq.backend import Session
-from amusd_mq.baselines import speculative_sync
+from amusd_mq.bench.baselines import speculative_sync
+from amusd_mq.runtime.lm import ModelInfo
+from amusd_mq.runtime.native import NativeLM, NativeModel
 from amusd_mq.sampling import ACCEPT, GUMBEL, Sampling, _draw, proposal_problem, uniforms
 
 VOCAB, SAMPLES = 12, 5000
@@ -56,19 +57,18 @@ def test_top_k_and_top_p_keep_what_they_should():
     assert (Sampling("exact", 1.0, top_k=1).probs(logits) > 0).tolist() == [[True, False, False, False]]
 
 
-class LM:
+class Tiny(NativeLM):
     """A random-weight model with a 12-token vocabulary: small enough to enumerate its distribution."""
 
     def __init__(self, seed: int):
         torch.manual_seed(seed)
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-        self.model = LlamaForCausalLM(config).eval()
+        self.hf = LlamaForCausalLM(config).eval()
         with torch.no_grad():  # sharper than the initialisation, so the draft really differs from the verifier
-            self.model.lm_head.weight.mul_(10)
-
-    def session(self) -> Session:
-        return Session(self.model, torch.device("cpu"))
+            self.hf.lm_head.weight.mul_(10)
+        native = NativeModel(config, self.hf.state_dict(), torch.device("cpu"), torch.float32, slots=4, max_len=64)
+        super().__init__(native, ModelInfo(f"tiny-{seed}", VOCAB, 64, [], ""))
 
     def save(self, path) -> str:
         """As a model directory the services can load, with a tokenizer of one word per token id."""
@@ -78,7 +78,7 @@ class LM:
         tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
         tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0").save_pretrained(path)
-        self.model.save_pretrained(path)
+        self.hf.save_pretrained(path)
         return str(path)
 
     def joint(self, prompt: list[int], sampling: Sampling) -> torch.Tensor:
@@ -89,7 +89,7 @@ class LM:
 
 
 PROMPT = [3, 1, 4, 1, 5]
-DRAFT, VERIFY = LM(1), LM(2)
+DRAFT, VERIFY = Tiny(1), Tiny(2)
 
 
 def speculative_counts(sampling: Sampling) -> torch.Tensor:

@@ -12,7 +12,7 @@ from conftest import PROMPTS, raw_exchange
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError
 from amusd_mq import protocol as p
-from amusd_mq.baselines import autoregressive
+from amusd_mq.bench.baselines import autoregressive
 from amusd_mq.sampling import Sampling
 
 pytestmark = pytest.mark.asyncio
@@ -202,13 +202,15 @@ async def test_no_worker_and_no_coordinator_are_typed_errors(deploy, tmp_path):
             await client.generate("x", max_new_tokens=3)
 
 
-async def test_verifier_alone_serves_without_a_draft(deploy, reference, tiny_verify):
-    d = deploy(roles=("coordinator", "verify"))
+@pytest.mark.parametrize("runner", ["native", "hf"])
+async def test_verifier_alone_serves_without_a_draft_on_either_runner(deploy, reference, tiny_verify, runner):
+    d = deploy(roles=("coordinator", "verify"), AMUSD_RUNNER=runner)
     await d.wait_ready(drafts=0, timeout_s=120)
     async with AsyncClient(d.url, timeout_s=30) as client:
         r = await client.generate("for i in range(10):", max_new_tokens=20)
     assert r.token_ids == reference(tiny_verify.tokenizer("for i in range(10):")["input_ids"], 20)
     assert r.stats["proposed"] == 0 and r.stats["verify_steps"] == len(r.token_ids)
+    assert r.stats["runner"] == runner and f"{runner} runner" in d.log_tail("verify")
 
 
 async def test_stop_token_ids(deploy, reference, tiny_verify):
@@ -223,7 +225,7 @@ async def test_stop_token_ids(deploy, reference, tiny_verify):
 
 
 async def test_ignore_eos_decodes_past_the_end_of_text(deploy, tiny_verify):
-    from amusd_mq.baselines import autoregressive
+    from amusd_mq.bench.baselines import autoregressive
 
     def greedy(prompt_ids, n, stop):
         return autoregressive(tiny_verify, prompt_ids, n, stop).token_ids
@@ -268,8 +270,8 @@ async def test_signals_stop_every_service_within_5s(deploy, sig):
 async def test_workers_are_held_to_their_role_and_their_requests(deploy, tiny_verify):
     d = deploy(roles=("coordinator", "verify"))
     await d.wait_ready(drafts=0, timeout_s=120)
-    sign_up = dict(model="imposter", vocab_size=tiny_verify.vocab_size, vocab_hash=tiny_verify.vocab_hash(),
-                   max_context=64, eos_token_ids=[])
+    sign_up = dict(model="imposter", runner="hf", vocab_size=tiny_verify.vocab_size,
+                   vocab_hash=tiny_verify.info.vocab_hash, max_context=64, eos_token_ids=[])
     replies = await raw_exchange(d.url, [
         [p.encode(p.Register(role="judge", **sign_up))],
         [p.encode(p.Register(role="draft", **{**sign_up, "vocab_hash": "0" * 64}))],

@@ -10,8 +10,9 @@ import zmq.asyncio
 
 from amusd_mq import config
 from amusd_mq import protocol as p
-from amusd_mq.backend import CausalLM, ModelThread
 from amusd_mq.draft import DraftWorker
+from amusd_mq.runtime.load import load
+from amusd_mq.runtime.thread import ModelThread
 from amusd_mq.transport import pub_url
 from amusd_mq.verify import VerifyWorker
 
@@ -54,7 +55,7 @@ async def harness(tiny_cache):
     tasks = []
 
     def start(worker_cls, model):
-        worker = worker_cls(cfg, CausalLM(model, "cpu", "float32", tiny_cache), ModelThread(1))
+        worker = worker_cls(cfg, load(model, "cpu", "float32", tiny_cache), ModelThread(1))
         tasks.append(asyncio.create_task(worker.run(stop)))
         return worker
 

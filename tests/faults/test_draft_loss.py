@@ -6,7 +6,7 @@ import pytest
 from test_verifier_loss import DETECT_S, MAX_NEW, PROMPT, first_chunk_then
 
 from amusd_mq import AsyncClient
-from amusd_mq.baselines import autoregressive
+from amusd_mq.bench.baselines import autoregressive
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,8 +1,8 @@
 """The discrete-event ideal on small cases worked out by hand."""
 import pytest
 
-from amusd_mq import simulate
-from amusd_mq.trace import LatencyProfile, TracedPrompt
+from amusd_mq.bench import simulate
+from amusd_mq.bench.trace import LatencyProfile, TracedPrompt
 
 LAT = LatencyProfile(draft_ms=1.0, verify_ms={1: 10.0})
 

@@ -5,14 +5,13 @@ import pytest
 from conftest import PROMPTS
 
 from amusd_mq import config
-from amusd_mq.backend import CausalLM
-from amusd_mq.bench import Bench, format_table
+from amusd_mq.bench.run import Bench, format_table
+from amusd_mq.bench.trace import record
 from amusd_mq.sampling import Sampling
-from amusd_mq.trace import record
 
 
-def test_bench_writes_table_json_and_plots(tiny_cache, tmp_path):
-    draft, verify = (CausalLM(n, "cpu", "float32", tiny_cache) for n in ("tiny-draft", "tiny-verify"))
+def test_bench_writes_table_json_and_plots(tiny_cache, tiny_draft, tiny_verify, tmp_path):
+    draft, verify = tiny_draft, tiny_verify
     prompts = [(f"p{i}", verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:2])]
     trace = record(draft, verify, prompts, 16, "float32")
     trace.save(tmp_path / "trace.json")
@@ -34,15 +33,15 @@ def test_bench_writes_table_json_and_plots(tiny_cache, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["seeded", "exact"])
-def test_bench_samples_in_every_strategy(tiny_cache, tmp_path, mode):
+def test_bench_samples_in_every_strategy(tiny_cache, tiny_verify, tmp_path, mode):
     cfg = config.load(env={"AMUSD_DRAFT_MODEL": "tiny-draft", "AMUSD_VERIFY_MODEL": "tiny-verify",
                            "AMUSD_DTYPE": "float32", "AMUSD_CACHE_DIR": tiny_cache, "AMUSD_THREADS": "1"})
-    verify = CausalLM("tiny-verify", "cpu", "float32", tiny_cache)
-    prompts = [(f"p{i}", verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:2])]
+    prompts = [(f"p{i}", tiny_verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:2])]
     summary = Bench(cfg, "hf", prompts, None, 12, [3], 4, ["ar", "sd", "async"], tmp_path / "out",
                     Sampling(mode, 0.8, top_k=20, seed=5)).run()
     rows = {r["strategy"]: r for r in summary["table"]}
     assert summary["sampling"]["mode"] == mode and set(rows) == {"ar", "sd-3", "async"}
+    assert summary["runner"] == "native"
     # seeded: every strategy gives the verify model's own seeded sample; exact: only its distribution
     assert all(r["identical"] == ("2/2" if mode == "seeded" else "-") for r in rows.values())
     assert rows["sd-3"]["acceptance"] > 0.3

@@ -5,14 +5,13 @@ import pytest
 from conftest import PROMPTS
 
 from amusd_mq import AsyncClient
-from amusd_mq.backend import CausalLM
-from amusd_mq.baselines import autoregressive, speculative_sync
-from amusd_mq.trace import LatencyProfile, Trace, TraceLM, record
+from amusd_mq.bench.baselines import autoregressive, speculative_sync
+from amusd_mq.bench.trace import LatencyProfile, Trace, TraceLM, record
 
 
 @pytest.fixture(scope="module")
-def pair(tiny_cache):
-    return CausalLM("tiny-draft", "cpu", "float32", tiny_cache), CausalLM("tiny-verify", "cpu", "float32", tiny_cache)
+def pair(tiny_draft, tiny_verify):
+    return tiny_draft, tiny_verify
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,8 @@ def test_trace_round_trips_and_records_teacher_forced_guesses(traced, pair):
         assert len(p.draft) == len(p.target)
         # the guess at i is the draft's own next token after prompt + target[:i]
         i = len(p.target) // 2
-        assert p.draft[i] == draft.session().greedy(p.prompt_ids + p.target[:i], 1)[0]
+        with draft.session() as session:
+            assert p.draft[i] == session.greedy(p.prompt_ids + p.target[:i], 1)[0]
     assert 0.3 < trace.acceptance() < 1.0
 
 
@@ -44,8 +44,8 @@ def test_replayed_decisions_equal_the_real_ones(traced, pair, gamma):
     trace, path, profile = traced
     draft, verify = pair
     spec = f"trace:{path}"
-    t_draft = TraceLM(spec, "draft", f"latency:{profile}")
-    t_verify = TraceLM(spec, "verify", f"latency:{profile}")
+    t_draft = TraceLM(spec, "draft", f"latency:{profile}", "native")
+    t_verify = TraceLM(spec, "verify", f"latency:{profile}", "native")
     for p in trace.prompts:
         eos = verify.eos_token_ids
         assert autoregressive(t_verify, p.prompt_ids, 24, eos).token_ids == p.target
@@ -56,18 +56,22 @@ def test_replayed_decisions_equal_the_real_ones(traced, pair, gamma):
                                                                            real.verify_steps)
 
 
-def test_shaped_compute_runs_a_real_forward(traced):
+@pytest.mark.parametrize("runner", ["native", "hf"])
+def test_shaped_compute_runs_a_real_forward_on_the_runner(traced, runner):
     trace, path, _ = traced
-    lm = TraceLM(f"trace:{path}", "verify", "shape:tiny,tiny", "cpu", "float32")
+    lm = TraceLM(f"trace:{path}", "verify", "shape:tiny,tiny", runner, "cpu", "float32")
+    assert lm.runner == runner
     p = trace.prompts[0]
     assert autoregressive(lm, p.prompt_ids, 24, trace.eos_token_ids).token_ids == p.target
-    assert lm.session().compute is not None
+    with lm.session() as session:
+        session.greedy(p.prompt_ids, 1)
+        assert session.compute.length == len(p.prompt_ids)  # the shaped model really took the prompt
 
 
 def test_bad_compute_spec_is_a_clear_error(traced):
     _, path, _ = traced
     with pytest.raises(ValueError, match="latency:PROFILE"):
-        TraceLM(f"trace:{path}", "verify", "gpu-please")
+        TraceLM(f"trace:{path}", "verify", "gpu-please", "native")
 
 
 def test_latency_profile_sets_step_times(traced):

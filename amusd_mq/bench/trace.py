@@ -13,7 +13,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .vocab import TRACE_PREFIX, trace_hash
+import torch
+
+from ..runtime.hf import HFLM
+from ..runtime.lm import DTYPES, LM, ModelInfo, Session
+from ..runtime.native import NativeLM, NativeModel
+from ..vocab import TRACE_PREFIX, trace_hash
+from .baselines import autoregressive
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 128, 512),
@@ -81,8 +87,6 @@ def trace_prompt(draft_lm, pid: str, prompt_ids: list[int], target: list[int], s
 
 def record(draft_lm, verify_lm, prompts: list[tuple[str, list[int]]], max_new_tokens: int, dtype: str,
            progress=None) -> Trace:
-    from .baselines import autoregressive
-
     traced = []
     for pid, ids in prompts:
         target = autoregressive(verify_lm, ids, max_new_tokens, verify_lm.eos_token_ids).token_ids
@@ -118,61 +122,86 @@ class LatencyProfile:
         return self.draft_ms if role == "draft" else self.verify(n)
 
 
-def shaped_model(shape: str, device: str, dtype):
-    import torch
+def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_context: int) -> LM:
+    """A random-weight Llama of one of SHAPES, computed by `runner`: the cost of a real model of that size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,
-                         max_position_embeddings=8192)
-    with torch.device(device):
-        return LlamaForCausalLM(config).to(dtype).eval()
+                         max_position_embeddings=max_context)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[dtype])  # made in its dtype: an 8B model in float32 would take 32 GB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    info = ModelInfo(name=f"shape:{shape}", vocab_size=vocab, max_context=max_context, eos_token_ids=[], vocab_hash="")
+    if runner == "native":
+        return NativeLM(NativeModel(config, model.state_dict(), torch.device(device), DTYPES[dtype], slots,
+                                    max_context), info)
+    return HFLM(model, info, slots)
 
 
-class TraceLM:
-    """Duck-types CausalLM for the workers and baselines. `compute` is "latency:PROFILE.json" or
-    "shape:DRAFT_SHAPE,VERIFY_SHAPE"; the role picks its half."""
+class TraceLM(LM):
+    """A model whose greedy choices come from a trace and whose time comes from a latency profile ("latency:
+    PROFILE.json": sleeps) or from a real forward pass of a random-weight model of a given shape ("shape:DRAFT,
+    VERIFY", computed by the configured runner). The role picks its half."""
 
-    def __init__(self, spec: str, role: str, compute: str, device: str = "cpu", dtype: str = "bfloat16"):
-        self.name = spec
-        self.role = role
+    def __init__(self, spec: str, role: str, compute: str, runner: str, device: str = "cpu", dtype: str = "bfloat16",
+                 slots: int = 4, max_context: int = 4096):
         self.trace = Trace.load(spec[len(TRACE_PREFIX):])
-        self.vocab_size = self.trace.vocab_size
-        self.max_context = 1 << 20
-        self.eos_token_ids = self.trace.eos_token_ids
-        self.by_prompt = {tuple(p.prompt_ids): p for p in self.trace.prompts}
+        self.role = role
         kind, _, arg = compute.partition(":")
-        self.profile = self.shaped = None
+        self.profile = self.compute = None
         if kind == "latency":
             self.profile = LatencyProfile.load(arg)
+            self.runner = "latency"
         elif kind == "shape":
-            from .backend import DTYPES
-
-            self.device = device
-            self.shaped = shaped_model(arg.split(",")[0 if role == "draft" else 1], device, DTYPES[dtype])
+            self.compute = shaped_lm(arg.split(",")[0 if role == "draft" else 1], runner, device, dtype, slots,
+                                     max_context)
+            self.runner = self.compute.runner
         else:
             raise ValueError(f"trace compute must be latency:PROFILE.json or shape:DRAFT,VERIFY, not {compute!r}")
+        super().__init__(ModelInfo(name=spec, vocab_size=self.trace.vocab_size,
+                                   max_context=max_context if self.compute else 1 << 20,
+                                   eos_token_ids=self.trace.eos_token_ids,
+                                   vocab_hash=trace_hash(self.trace.verify_model, self.trace.vocab_size)), slots)
 
-    def vocab_hash(self) -> str:
-        return trace_hash(self.trace.verify_model, self.vocab_size)
-
-    def warm_up(self) -> None:
-        if self.shaped is not None:
-            self.session().greedy(list(self.trace.prompts[0].prompt_ids), 1)
+    @classmethod
+    def for_role(cls, cfg, role: str) -> "TraceLM":
+        name, device = cfg.model_of(role)
+        return cls(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.kv_slots, cfg.max_context)
 
     def session(self) -> "TraceSession":
         return TraceSession(self)
 
+    def warm_up(self) -> None:
+        if self.compute is not None:
+            self.compute.warm_up()
 
-class TraceSession:
+
+class TraceSession(Session):
+    """Replays the trace's choices for one prompt; spends the time its compute model takes for the same feed."""
+
     def __init__(self, lm: TraceLM):
-        from .backend import Session
-
-        self.lm = lm
+        super().__init__(lm)
         self.record: TracedPrompt | None = None
-        self.compute = Session(lm.shaped, lm.device) if lm.shaped is not None else None
-        self.cached: list[int] = []
+        self.compute = lm.compute.session() if lm.compute is not None else None
+
+    def close(self) -> None:
+        if self.compute is not None:
+            self.compute.close()
+        super().close()
+
+    def rollback(self, length: int) -> None:
+        super().rollback(length)
+        if self.compute is not None:
+            self.compute.rollback(length)
+
+    def logits(self, seq: list[int], n_out: int):
+        raise NotImplementedError("a trace records greedy choices only")
 
     def greedy(self, seq: list[int], n_out: int) -> list[int]:
         lm = self.lm
@@ -194,12 +223,10 @@ class TraceSession:
         return out
 
     def _spend(self, seq: list[int], n_out: int) -> None:
-        from .backend import reusable_prefix
-
         if self.compute is not None:
-            vocab = self.lm.shaped.config.vocab_size
+            vocab = self.lm.compute.vocab_size
             self.compute.logits([t % vocab for t in seq], n_out)
-            return
-        keep = reusable_prefix(self.cached, seq, n_out)
-        self.cached = list(seq)
-        spend(self.lm.profile.step_ms(self.lm.role, len(seq) - keep) / 1000)
+        else:
+            fed = len(seq) - min(self.length, len(seq) - n_out)
+            spend(self.lm.profile.step_ms(self.lm.role, fed) / 1000)
+        self.length = len(seq)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from amusd_mq import datasets
+from amusd_mq.bench import datasets
 
 
 def test_humaneval_and_its_refactoring_variant():

@@ -1,14 +1,14 @@
 """The schedules speculation is measured against, run in one process on the same models and sessions:
 plain decoding (`ar`) and synchronous speculative decoding (`sd`: draft gamma, then verify), in any sampling
-mode (amusd_mq.sampling)."""
+mode (amusd_mq.sampling), on the same runner as the services."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
-from .backend import propose, verify
-from .sampling import GREEDY, Sampling
-from .sequence import Sequence
+from ..runtime.lm import propose, verify
+from ..sampling import GREEDY, Sampling
+from ..sequence import Sequence
 
 
 @dataclass
@@ -35,10 +35,11 @@ def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_id
     """Plain decoding with the same cache and termination rules: the output speculation must match (greedy,
     seeded) or match in distribution (exact)."""
     seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
-    session, run = lm.session(), Run()
-    while not seq.done:
-        tokens, _ = verify(session, prompt_ids + seq.committed, [], len(seq.committed), sampling)
-        run.commit(seq, tokens, 0, 0)
+    run = Run()
+    with lm.session() as session:
+        while not seq.done:
+            tokens, _ = verify(session, prompt_ids + seq.committed, [], len(seq.committed), sampling)
+            run.commit(seq, tokens, 0, 0)
     return run
 
 
@@ -46,18 +47,21 @@ def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens:
                      gamma: int, sampling: Sampling = GREEDY) -> Run:
     """Leviathan et al.: the draft proposes gamma tokens one by one, then the verifier checks them at once."""
     seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
-    draft_session, verify_session, run = draft_lm.session(), verify_lm.session(), Run()
-    while not seq.done:
-        draft: list[int] = []
-        q = []
-        start = len(seq.committed)
-        for _ in range(min(gamma, seq.max_new_tokens - start - 1)):
-            token, ids, probs = propose(draft_session, prompt_ids + seq.committed + draft, start + len(draft), sampling)
-            draft.append(token)
-            q.append((ids, probs))
-            run.draft_steps += 1
-        tokens, accepted = verify(verify_session, prompt_ids + seq.committed, draft, start, sampling, q)
-        run.commit(seq, tokens, len(draft), accepted)
+    run = Run()
+    with draft_lm.session() as draft_session, verify_lm.session() as verify_session:
+        while not seq.done:
+            draft: list[int] = []
+            q = []
+            start = len(seq.committed)
+            for _ in range(min(gamma, seq.max_new_tokens - start - 1)):
+                token, ids, probs = propose(draft_session, prompt_ids + seq.committed + draft, start + len(draft),
+                                            sampling)
+                draft.append(token)
+                q.append((ids, probs))
+                run.draft_steps += 1
+            tokens, accepted = verify(verify_session, prompt_ids + seq.committed, draft, start, sampling, q)
+            draft_session.rollback(len(prompt_ids) + start + accepted)  # its rejected guesses are in its cache
+            run.commit(seq, tokens, len(draft), accepted)
     return run
 
 
@@ -68,7 +72,8 @@ def explain_difference(lm, prompt_ids: list[int], ar_ids: list[int], other_ids: 
     at = next((i for i, (a, b) in enumerate(zip(ar_ids, other_ids)) if a != b), min(len(ar_ids), len(other_ids)))
     if at == min(len(ar_ids), len(other_ids)):
         return f"outputs differ in length after {at} equal tokens"
-    scores = lm.session().logits(prompt_ids + ar_ids[:at], 1)
+    with lm.session() as session:
+        scores = session.logits(prompt_ids + ar_ids[:at], 1)
     if sampling.mode == "seeded":
         scores = sampling.scores(scores, [at])
     gap = (scores[0, ar_ids[at]] - scores[0, other_ids[at]]).item()

@@ -1,0 +1,137 @@
+"""The native forward against transformers' own, on tiny Llama and Qwen2 configs covering what we serve."""
+import asyncio
+import logging
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from amusd_mq import models
+from amusd_mq.runtime.load import load
+from amusd_mq.runtime.native import UnsupportedModel
+
+BASE = dict(vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            max_position_embeddings=512)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+CONFIGS = {
+    "llama untied, GQA": (LlamaForCausalLM, LlamaConfig(**BASE, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama tied, q/k/v/o bias": (LlamaForCausalLM, LlamaConfig(**BASE, tie_word_embeddings=True, attention_bias=True)),
+    "llama3 rope scaling, GQA": (LlamaForCausalLM, LlamaConfig(**BASE, num_key_value_heads=1, rope_theta=500000.0,
+                                                               rope_scaling=LLAMA3_ROPE)),
+    "qwen2 tied, q/k/v bias": (Qwen2ForCausalLM, Qwen2Config(**BASE, num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2 untied": (Qwen2ForCausalLM, Qwen2Config(**BASE, num_key_value_heads=4, tie_word_embeddings=False,
+                                                   rms_norm_eps=1e-5, rope_theta=1e6)),
+}
+
+
+def save(tmp_path, model_cls, config) -> str:
+    """A model directory as the services load it: weights, config and the tiny byte-level tokenizer."""
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    with torch.no_grad():  # larger weights than the initialisation's, so that logits differ by more than noise
+        for param in model.parameters():
+            param.mul_(4)
+    model.save_pretrained(tmp_path)
+    models.tiny_tokenizer().save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(tmp_path, name):
+    path = save(tmp_path, *CONFIGS[name])
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lm = load(path, "cpu", "float32", runner="native", max_context=256)
+    assert lm.runner == "native"
+    ids = torch.randint(0, 258, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        expected = reference(ids).logits[0]
+    scale = expected.abs().max()
+    with lm.session() as session:
+        prefill = session.logits(ids[0, :150].tolist(), 150)  # past the llama3 original context
+        steps = [session.logits(ids[0, :n].tolist(), 1) for n in range(151, 201)]
+        session.rollback(170)  # and back, over positions written before
+        again = session.logits(ids[0, :190].tolist(), 20)
+    got = torch.cat([prefill, *steps])
+    assert ((got - expected).abs().max() / scale).item() < 1e-4
+    assert ((again - expected[170:190]).abs().max() / scale).item() < 1e-4
+
+
+def test_long_prefill_runs_in_chunks(tmp_path, monkeypatch):
+    from amusd_mq.runtime import native
+
+    path = save(tmp_path, *CONFIGS["qwen2 untied"])
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    monkeypatch.setattr(native, "PREFILL_CHUNK", 16)
+    lm = load(path, "cpu", "float32", max_context=256)
+    ids = list(range(3, 103))
+    with torch.inference_mode():
+        expected = reference(torch.tensor([ids])).logits[0, -5:]
+    with lm.session() as session:
+        got = session.logits(ids, 5)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+
+def test_an_unknown_architecture_is_an_error_when_native_is_chosen_and_falls_back_otherwise(tmp_path, caplog):
+    path = save(tmp_path, GPT2LMHeadModel, GPT2Config(vocab_size=258, n_embd=32, n_layer=1, n_head=2))
+    with pytest.raises(UnsupportedModel, match="GPT2LMHeadModel"):
+        load(path, "cpu", "float32", runner="native", runner_chosen=True)
+    with caplog.at_level(logging.WARNING):
+        lm = load(path, "cpu", "float32", runner="native", runner_chosen=False)
+    assert lm.runner == "hf" and "running it with transformers" in caplog.text
+    with lm.session() as session:
+        assert session.logits([1, 2, 3], 1).shape == (1, 258)
+
+
+@pytest.fixture(scope="module")
+def qwen2_pair(tmp_path_factory):
+    """A tiny Qwen2 verifier (q/k/v bias, tied head, GQA) and a draft made of its first two layers."""
+    model_cls, config = CONFIGS["qwen2 tied, q/k/v bias"]
+    verify = save(tmp_path_factory.mktemp("qwen2") / "verify", model_cls, config)
+    draft_model = Qwen2ForCausalLM(Qwen2Config(**{**BASE, "num_hidden_layers": 2}, num_key_value_heads=2,
+                                               tie_word_embeddings=True))
+    draft_model.load_state_dict(Qwen2ForCausalLM.from_pretrained(verify).state_dict(), strict=False)
+    draft = str(tmp_path_factory.mktemp("qwen2") / "draft")
+    draft_model.save_pretrained(draft)
+    models.tiny_tokenizer().save_pretrained(draft)
+    return draft, verify
+
+
+@pytest.mark.asyncio
+async def test_qwen2_through_the_services_is_transformers_own_output(deploy, qwen2_pair):
+    from conftest import PROMPTS
+
+    from amusd_mq import AsyncClient
+    from amusd_mq.bench.baselines import autoregressive
+    from amusd_mq.sampling import Sampling
+
+    draft, verify = qwen2_pair
+    d = deploy(AMUSD_DRAFT_MODEL=draft, AMUSD_VERIFY_MODEL=verify, AMUSD_RUNNER="native", AMUSD_VERIFY_DELAY_MS=10)
+    await d.wait_ready(timeout_s=120)
+    reference = AutoModelForCausalLM.from_pretrained(verify, dtype=torch.float32).eval()
+    tokenizer = models.tiny_tokenizer()
+    async with AsyncClient(d.url, timeout_s=60) as client:
+        greedy = await asyncio.gather(*(client.generate(prompt, max_new_tokens=24) for prompt in PROMPTS[:20]))
+        seeded = await asyncio.gather(*(
+            client.generate(prompt, max_new_tokens=24, temperature=0.8, seed=i, sampling_mode="seeded")
+            for i, prompt in enumerate(PROMPTS[:6])))
+    for prompt, r in zip(PROMPTS, greedy):
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.inference_mode():
+            out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)), do_sample=False,
+                                     max_new_tokens=24, pad_token_id=tokenizer.pad_token_id)
+        assert r.token_ids == out[0, len(ids):].tolist(), prompt
+        assert r.stats["runner"] == "native"
+    assert sum(r.stats["rollbacks"] for r in greedy) > 0 and sum(r.stats["accepted"] for r in greedy) > 0
+    verifier = load(verify, "cpu", "float32", runner="hf")  # its own seeded sample, through the reference runner
+    for i, r in enumerate(seeded):
+        alone = autoregressive(verifier, r.prompt_ids, 24, verifier.eos_token_ids, Sampling("seeded", 0.8, seed=i))
+        assert r.token_ids == alone.token_ids
