@@ -113,7 +113,11 @@ class AsyncClient:
     async def connect(self) -> None:
         self._sock = make_socket(self._ctx, zmq.DEALER, self.max_bytes)
         secure(self._sock, self.keys)
-        self._sock.connect(self.url)
+        try:
+            self._sock.connect(self.url)
+        except zmq.ZMQError as exc:
+            await self.close()
+            raise CoordinatorUnavailableError(f"can't connect to {self.url!r}: {exc}") from None
         self._tasks.append(asyncio.create_task(self._read()))
         try:
             self.welcome = await self._ask(p.Hello(), p.Welcome)

@@ -195,6 +195,9 @@ async def test_no_worker_and_no_coordinator_are_typed_errors(deploy, tmp_path):
     with pytest.raises(CoordinatorUnavailableError, match="no answer"):
         async with AsyncClient(f"ipc://{tmp_path}/nobody", timeout_s=0.5):
             pass
+    with pytest.raises(CoordinatorUnavailableError, match="can't connect"):
+        async with AsyncClient("tcp://no port here", timeout_s=0.5):
+            pass
     d = deploy(roles=("coordinator",))
     await d.wait_ready(verifiers=0, drafts=0, timeout_s=60)
     async with AsyncClient(d.url, timeout_s=5) as client:
