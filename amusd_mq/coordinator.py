@@ -283,7 +283,8 @@ class Coordinator:
                                                                    admitted.msg.prompt)
         except Exception as exc:
             log.exception("tokenizing a prompt failed")
-            ids = exc
+            await self._refuse(admitted, RequestError("internal", f"the prompt could not be tokenized: {exc!r}"))
+            return
         finally:
             self.tokenizing.pop(admitted.rid, None)
         await self._enqueue(admitted, ids)
@@ -291,16 +292,13 @@ class Coordinator:
     def _encode(self, prompt: str) -> list[int]:
         return self.vocab.tokenizer.encode(prompt).ids
 
-    async def _enqueue(self, admitted: Admitted, ids: list[int] | Exception) -> None:
+    async def _enqueue(self, admitted: Admitted, ids: list[int]) -> None:
         """Queue an admitted request once its prompt ids are known, or refuse it."""
         msg = admitted.msg
         try:
-            if isinstance(ids, Exception):
-                raise RequestError("internal", f"the prompt could not be tokenized: {ids!r}")
             self._validate_ids(ids, msg, admitted.info)
         except RequestError as exc:
-            self._unreserve(admitted.key)
-            await self._reject(admitted.client, exc.code, str(exc), msg.req_id)
+            await self._refuse(admitted, exc)
             return
         stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(admitted.info.eos_token_ids))
         self.requests[admitted.rid] = Request(
@@ -309,6 +307,10 @@ class Coordinator:
             seq=Sequence(prompt_ids=ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
         self.admission.enqueue(admitted.client, admitted.rid)
         await self._schedule()
+
+    async def _refuse(self, admitted: Admitted, exc: RequestError) -> None:
+        self._unreserve(admitted.key)
+        await self._reject(admitted.client, exc.code, str(exc), admitted.msg.req_id)
 
     def _validate(self, identity: bytes, msg: p.Generate) -> tuple[p.Register, int]:
         """What can be checked before the prompt is tokenized. Returns the serving model's registration and the
@@ -366,16 +368,23 @@ class Coordinator:
         self.clients.pop(client, None)
 
     async def _cancel(self, key: tuple[bytes, str], reason: str) -> None:
-        rid = self.by_client[key]
         self.cancelled += 1
+        req = self._end(key, reason)
+        if req is not None:
+            await self._forget(req)
+
+    def _end(self, key: tuple[bytes, str], reason: str) -> Request | None:
+        """End a request wherever it is. One still being tokenized is gone at once (None); a queued or running one
+        is returned, ended, for the caller to forget once it has told whom it must."""
+        rid = self.by_client[key]
         task = self.tokenizing.pop(rid, None)
         if task is not None:
             task.cancel()
             self._unreserve(key)
-            return
+            return None
         req = self.requests[rid]
         req.seq.cancel(reason)
-        await self._forget(req)
+        return req
 
     # workers
 
@@ -529,15 +538,9 @@ class Coordinator:
 
     async def _fail(self, key: tuple[bytes, str], code: str, message: str) -> None:
         """End a request with an error carrying what it committed; one still being tokenized has none."""
-        rid = self.by_client.get(key)
-        if rid is None:
+        if key not in self.by_client:
             return
-        req = self.requests.get(rid)
-        if req is None:
-            self.tokenizing.pop(rid).cancel()
-            self._unreserve(key)
-        else:
-            req.seq.cancel(code)
+        req = self._end(key, code)
         await send(self.router, p.Error(code=code, message=message, req_id=key[1],
                                         token_ids=req.seq.committed if req else []), key[0])
         if req is not None:

@@ -160,7 +160,7 @@ class DraftWorker(Worker):
                 cut, r.cut = r.cut, None
                 token, ids, probs = await self.thread.submit(
                     self._step, session, r.prompt + r.guess, pos, r.sampling,
-                    len(r.prompt) + cut if cut is not None else len(r.prompt) + pos)
+                    len(r.prompt) + (pos if cut is None else cut))
                 if r.done or r.revision != revision or len(r.guess) != pos:
                     continue  # a commit overtook this step
                 r.guess.append(token)

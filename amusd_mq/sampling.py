@@ -53,12 +53,13 @@ def uniforms(seed: int, positions: list[int], stream: int, n: int | None = None,
     return (_mix(key).double() + 0.5) / 2.0 ** 32
 
 
-def _draw(weights: torch.Tensor, u: float) -> int:
-    """Inverse-CDF sample from non-negative weights (any total)."""
+def _draw(weights: torch.Tensor, u: float | torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sample from non-negative weights (any total): its index, as a tensor where the weights are, so
+    a caller on a GPU copies nothing to the host before it needs the number."""
     import torch
 
     cdf = weights.double().cumsum(0)
-    return min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), len(weights) - 1)
+    return torch.searchsorted(cdf, (u * cdf[-1]).reshape(1), right=True)[0].clamp(max=len(weights) - 1)
 
 
 @dataclass(frozen=True)
@@ -150,10 +151,8 @@ class Sampling:
         rejected = ~(accept[:n] * dense[steps, guesses] < p[steps, guesses])
         first = torch.where(rejected.any(), rejected.int().argmax(), n) if n else torch.tensor(0, device=device)
         residual = (p[first] - dense[first]).clamp(min=0)
-        weights = torch.where(residual.sum() > 0, residual, p[first])
-        cdf = weights.cumsum(0)
-        token = torch.searchsorted(cdf, (resample[first] * cdf[-1]).reshape(1), right=True).clamp(max=len(cdf) - 1)
-        accepted, token = torch.stack([first, token[0]]).tolist()
+        token = _draw(torch.where(residual.sum() > 0, residual, p[first]), resample[first])
+        accepted, token = torch.stack([first, token]).tolist()
         return draft[:accepted] + [token], accepted
 
 

@@ -118,7 +118,7 @@ class ResampleFromP(Sampling):
         tokens, accepted = super().verify_exact(logits, draft, start, q)
         if accepted < len(draft):
             u = uniforms(self.seed, [start + accepted], 99)[0]
-            tokens[-1] = _draw(self.probs(logits)[accepted], float(u))
+            tokens[-1] = int(_draw(self.probs(logits)[accepted], float(u)))
         return tokens, accepted
 
 
