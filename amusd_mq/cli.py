@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--gammas", default="2,4,6", help="draft lengths for sd, comma-separated")
     bench.add_argument("--strategies", default="ar,sd,async,amusd-policy",
                        help="any of ar, sd, async, amusd-policy")
+    bench.add_argument("--concurrency", default=None,
+                       help="a load test instead: closed-loop clients at each of these levels, e.g. 1,4,16,64, "
+                            "batched ar against async")
+    bench.add_argument("--requests", type=int, default=None,
+                       help="requests per load level (default: 4 per client, at least one per prompt)")
     bench.add_argument("--out", default=None, help="results folder (default bench-results/<date-time>)")
     _sampling_flags(bench, seed=0)
     c.add_flags(bench)
@@ -144,6 +149,15 @@ def bench_main(cfg: c.Config, args) -> int:
     else:
         prompts = _tokenized(cfg, args)
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.concurrency:
+        from .bench.load import format_load_table, run_load
+
+        ids = [ids for _, ids in prompts] if prompts else [p.prompt_ids for p in trace.prompts]
+        summary = run_load(cfg, ids, args.max_new_tokens, [int(n) for n in args.concurrency.split(",")],
+                           args.requests, out)
+        print(format_load_table(summary))
+        print(f"results, plot and logs in {out}")
+        return 0
     strategies = args.strategies.split(",")
     summary = Bench(cfg, args.backend, prompts, trace, args.max_new_tokens, [int(g) for g in args.gammas.split(",")],
                     cfg.lookahead, strategies, out, sampling).run()

@@ -50,8 +50,10 @@ SETTINGS = (
             "know falls back to hf with a log line, unless native is set explicitly.", WORKERS),
     Setting("max_context", 4096, "Longest sequence (prompt plus output) a worker holds; the KV cache is sized for it "
             "(capped at the model's own context).", WORKERS),
-    Setting("kv_slots", 4, "Sequences a worker's KV cache holds at once.", WORKERS),
-    Setting("lookahead", 8, "Most draft tokens in flight past the committed position (per-request override).",
+    Setting("max_batch", 16, "Requests a worker serves at once, all in one batched forward pass per step; its KV cache "
+            "holds a slot for each. The coordinator queues the rest.", WORKERS),
+    Setting("lookahead", 8, "Most draft tokens in flight past the committed position (per-request override); "
+            "under load the verifier asks for fewer, down to none, where they would cost more than they earn.",
             (COORDINATOR,)),
     Setting("threads", 0, "Torch CPU threads per worker (0: torch's default).", WORKERS),
     Setting("heartbeat_s", 1.0, "Heartbeat interval between the coordinator and workers, in seconds.", ALL),
@@ -103,7 +105,7 @@ class Config:
     dtype: str
     runner: str
     max_context: int
-    kv_slots: int
+    max_batch: int
     lookahead: int
     threads: int
     heartbeat_s: float
@@ -133,7 +135,8 @@ class Config:
     def __post_init__(self):
         checks = {
             "lookahead": self.lookahead >= 1, "threads": self.threads >= 0, "runner": self.runner in ("native", "hf"),
-            "max_context": self.max_context >= 16, "kv_slots": self.kv_slots >= 2, "heartbeat_s": self.heartbeat_s > 0,
+            "max_context": self.max_context >= 16, "max_batch": self.max_batch >= 1,
+            "heartbeat_s": self.heartbeat_s > 0,
             "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
             "max_queue": self.max_queue >= 1, "max_client_requests": self.max_client_requests >= 1,
             "timeout_s": self.timeout_s > 0, "failover_s": self.failover_s >= 0,

@@ -40,7 +40,7 @@ class Worker:
     identity: bytes
     info: p.Register
     last_seen: float
-    request: str | None = None
+    requests: set[str] = field(default_factory=set)  # at most info.max_batch
     # The latest: whether its model thread is in a forward pass, and how many passes it has finished.
     beat: p.Heartbeat = field(default_factory=p.Heartbeat)
 
@@ -51,10 +51,11 @@ class Request:
     client: bytes
     client_req_id: str
     seq: Sequence
-    lookahead: int
+    lookahead: int  # the cap
     policy: str
     sampling: Sampling
     detok: Detokenizer
+    reach: int  # how far ahead its verifier last asked the draft to run
     verifier: bytes | None = None
     draft: bytes | None = None
     orphaned: float | None = None  # when its verifier was lost, until another takes over
@@ -304,6 +305,7 @@ class Coordinator:
         self.requests[admitted.rid] = Request(
             rid=admitted.rid, client=admitted.client, client_req_id=msg.req_id, lookahead=admitted.lookahead,
             policy=msg.policy, sampling=admitted.sampling, detok=Detokenizer(self.vocab.tokenizer),
+            reach=admitted.lookahead,
             seq=Sequence(prompt_ids=ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
         self.admission.enqueue(admitted.client, admitted.rid)
         await self._schedule()
@@ -463,7 +465,7 @@ class Coordinator:
         if any(t >= self.workers[identity].info.vocab_size for t in msg.token_ids) or msg.accepted > msg.proposed:
             await self._reject(identity, "invalid_verdict", "verdict with out-of-range values", msg.req_id)
             return
-        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, msg.step_ms / 1000)
+        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, msg.step_ms / 1000, msg.rows)
         if applied is None:
             if msg.start > len(req.seq.committed) and msg.epoch >= req.resent_epoch:
                 await self._resend(req, f"a verdict before position {msg.start} was lost")
@@ -471,6 +473,7 @@ class Coordinator:
                 self.rejects.add("stale", f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
             return
         req.progress, req.stalled_at = time.monotonic(), None
+        req.reach = min(msg.lookahead, req.lookahead)
         tokens, _ = applied
         await self._commit(req, msg.start, tokens)
         text = req.detok.push(tokens) + (req.detok.flush() if req.seq.done else "")
@@ -482,19 +485,24 @@ class Coordinator:
     async def _commit(self, req: Request, start: int, tokens: list[int]) -> None:
         self.pub_seq += 1
         await self._publish(p.Commit(seq=self.pub_seq, req_id=req.rid, epoch=req.seq.epoch, start=start,
-                                     token_ids=tokens, done=req.seq.done))
+                                     token_ids=tokens, done=req.seq.done, lookahead=req.reach))
 
     # assignment
 
+    @staticmethod
+    def _least_loaded(workers: list[Worker]) -> Worker | None:
+        """The worker with the most room, if any has room: requests spread over workers before they batch."""
+        free = [w for w in workers if len(w.requests) < w.info.max_batch]
+        return min(free, key=lambda w: len(w.requests) / w.info.max_batch, default=None)
+
     async def _schedule(self) -> None:
-        free_verifiers = [w for w in self._verifiers() if w.request is None]
-        while free_verifiers:
+        while (verifier := self._least_loaded(self._verifiers())) is not None:
             rid = self.admission.next()
             if rid is None:
                 break
             req = self.requests[rid]
-            req.verifier = free_verifiers.pop(0).identity
-            self.workers[req.verifier].request = req.rid
+            req.verifier = verifier.identity
+            verifier.requests.add(req.rid)
             req.progress, req.stalled_at = time.monotonic(), None
             await self._assign(req, req.verifier)
             if req.orphaned is None:
@@ -503,12 +511,13 @@ class Coordinator:
                 req.orphaned = None
                 req.seq.resync()
                 await self._commit(req, len(req.seq.committed), [])
-        for req in self.requests.values():  # a free draft joins any request running without one
+        for req in self.requests.values():  # a draft with room joins any request running without one
             if req.verifier is not None and req.draft is None:
-                draft = next((w for w in self._drafts() if w.request is None), None)
+                draft = self._least_loaded(self._drafts())
                 if draft is None:
                     break
-                req.draft, draft.request = draft.identity, req.rid
+                req.draft = draft.identity
+                draft.requests.add(req.rid)
                 await self._assign(req, draft.identity)
 
     async def _assign(self, req: Request, identity: bytes) -> None:
@@ -523,8 +532,8 @@ class Coordinator:
     async def _release(self, req: Request) -> None:
         for identity in (req.verifier, req.draft):
             w = self.workers.get(identity) if identity else None
-            if w is not None and w.request == req.rid:
-                w.request = None
+            if w is not None and req.rid in w.requests:
+                w.requests.discard(req.rid)
                 await send(self.router, p.Release(req_id=req.rid), identity)
         req.verifier = req.draft = None
 
@@ -562,12 +571,10 @@ class Coordinator:
     async def _drop_worker(self, w: Worker, why: str) -> None:
         log.warning("dropping %s worker %s: %s", w.info.role, w.identity.hex(), why)
         self.workers.pop(w.identity, None)
-        req = self.requests.get(w.request) if w.request else None
-        if req is None:
-            return
-        if w.info.role == DRAFT:  # the verifier carries on alone; a spare draft may join
-            req.draft = None
-        else:  # the next free verifier resumes it from the committed tokens
-            req.verifier, req.orphaned = None, time.monotonic()
-            self.admission.resume(req.rid)
+        for req in [self.requests[rid] for rid in w.requests if rid in self.requests]:
+            if w.info.role == DRAFT:  # the verifier carries on alone; a draft with room may join
+                req.draft = None
+            else:  # the next verifier with room resumes it from the committed tokens
+                req.verifier, req.orphaned = None, time.monotonic()
+                self.admission.resume(req.rid)
         await self._schedule()

@@ -1,12 +1,12 @@
-"""The draft worker: runs ahead of the verifier, one greedy token at a time, up to the lookahead cap.
+"""The draft worker: runs ahead of the verifier, one token per request per pass, each request as far ahead
+as its verifier last asked (never past the request's lookahead cap), all its requests in one batched pass.
 
 It learns the canonical sequence from the coordinator's PUB stream (Clone pattern: sequence numbers, a
 Snapshot request on any gap) and, when a commit contradicts its guesses, drops them and continues from
-the committed tokens. Its KV cache follows automatically (Session crops to the common prefix).
+the committed tokens; its KV cache rolls back to the first guess dropped.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Coroutine
@@ -16,7 +16,7 @@ import zmq
 
 from . import protocol as p
 from .config import DRAFT
-from .runtime.lm import Session, propose
+from .runtime.lm import Guess, Session, propose
 from .sampling import GREEDY, Sampling, sampling_of
 from .security import secure
 from .tasks import surviving
@@ -32,9 +32,11 @@ class DraftRequest:
     prompt: list[int]
     committed: list[int]
     epoch: int
-    lookahead: int
+    lookahead: int  # the request's cap
     max_new_tokens: int
     stop: frozenset[int]
+    session: Session | None = None
+    reach: int | None = None  # how far ahead the verifier last asked for, within the cap
     assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     sampling: Sampling = GREEDY
     guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
@@ -42,15 +44,16 @@ class DraftRequest:
     revision: int = 0  # bumped whenever guesses are thrown away
     cut: int | None = None  # the first guess thrown away since the last step: where the KV cache rolls back to
     done: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def release(self) -> None:
         self.done = True
-        self.wake.set()
+        if self.session is not None:
+            self.session.close()
 
     def idle(self, max_context: int) -> bool:
         ahead = self.guess[len(self.committed):]
-        return (len(ahead) >= self.lookahead or len(self.guess) >= self.max_new_tokens
+        reach = self.lookahead if self.reach is None else min(self.reach, self.lookahead)
+        return (len(ahead) >= reach or len(self.guess) >= self.max_new_tokens
                 or len(self.prompt) + len(self.guess) >= max_context or any(t in self.stop for t in ahead))
 
     def adopt(self, start: int, tokens: list[int]) -> bool:
@@ -65,7 +68,6 @@ class DraftRequest:
             self.revision += 1
             self.cut = diverged if self.cut is None else min(self.cut, diverged)
         self.guess.extend(self.committed[len(self.guess):])
-        self.wake.set()
         return True
 
 
@@ -94,10 +96,10 @@ class DraftWorker(Worker):
     def extra_tasks(self) -> list[Coroutine]:
         return [self._sub_loop()]
 
-    def new_request(self, msg: p.Assign) -> DraftRequest:
+    def new_request(self, msg: p.Assign, session: Session) -> DraftRequest:
         r = DraftRequest(rid=msg.req_id, prompt=msg.prompt_ids, committed=[], epoch=msg.epoch, assigned=msg.epoch,
                          lookahead=msg.lookahead, max_new_tokens=msg.max_new_tokens, stop=frozenset(msg.stop_token_ids),
-                         sampling=sampling_of(msg))
+                         session=session, sampling=sampling_of(msg))
         r.adopt(0, msg.committed)
         return r
 
@@ -120,6 +122,7 @@ class DraftWorker(Worker):
         self.last_seq = max(self.last_seq, msg.seq)
         r = self.requests.get(msg.req_id)
         if r is not None:
+            r.reach = msg.lookahead
             await self._apply(r, msg.epoch, msg.start, msg.token_ids, msg.done)
         if gap:
             await self._resync()
@@ -136,9 +139,9 @@ class DraftWorker(Worker):
 
     async def _apply(self, r: DraftRequest, epoch: int, start: int, tokens: list[int], done: bool) -> None:
         if done:
-            self.requests.pop(r.rid, None)
-            r.release()
+            self._drop(r.rid)
             return
+        self.work.set()
         if not r.adopt(start, tokens):
             await send(self.dealer, p.SnapshotRequest(req_id=r.rid))
             return
@@ -149,24 +152,38 @@ class DraftWorker(Worker):
             if len(r.guess) > n:
                 await send(self.dealer, self._proposal(r, n, len(r.guess)))
 
-    async def serve(self, r: DraftRequest) -> None:
-        with self.lm.session() as session:
-            while not r.done:
-                if r.idle(self.lm.max_context):
-                    r.wake.clear()
-                    await r.wake.wait()
-                    continue
-                pos, revision = len(r.guess), r.revision
-                cut, r.cut = r.cut, None
-                token, ids, probs = await self.thread.submit(
-                    self._step, session, r.prompt + r.guess, pos, r.sampling,
-                    len(r.prompt) + (pos if cut is None else cut))
-                if r.done or r.revision != revision or len(r.guess) != pos:
-                    continue  # a commit overtook this step
-                r.guess.append(token)
-                if ids is not None:
-                    r.dists[pos] = (ids, probs)
-                await send(self.dealer, self._proposal(r, pos, pos + 1))
+    def build(self) -> list[tuple[DraftRequest, int, Guess, int]]:
+        """Each request with room ahead: (request, its revision, its next guess to make, the length of its KV
+        cache still valid). Copied here, on the event loop: commits change the requests during the pass."""
+        live = [r for r in self.requests.values() if not r.idle(self.lm.max_context)]
+        batch = []
+        for r in self.take_turns(live):
+            pos = len(r.guess)
+            cut, r.cut = r.cut, None
+            batch.append((r, r.revision, Guess(r.session, r.prompt + r.guess, pos, r.sampling),
+                          len(r.prompt) + (pos if cut is None else cut)))
+        return batch
+
+    def compute(self, batch: list[tuple[DraftRequest, int, Guess, int]]) -> list[tuple[int, list | None, list | None]]:
+        for r, _, _, valid in batch:
+            r.session.rollback(valid)
+        out = propose(self.lm, [guess for _, _, guess, _ in batch])
+        if self.cfg.draft_delay_ms:
+            time.sleep(self.cfg.draft_delay_ms / 1000)
+        if self.cfg.draft_wrong:
+            out = [((token + 1) % self.lm.vocab_size, ids, probs) if ids is None else (token, ids, probs)
+                   for token, ids, probs in out]
+        return out
+
+    async def finish(self, batch: list[tuple[DraftRequest, int, Guess, int]], outcome) -> None:
+        for (r, revision, guess, _), (token, ids, probs) in zip(batch, outcome):
+            pos = guess.position
+            if r.done or r.revision != revision or len(r.guess) != pos:
+                continue  # a commit overtook this step
+            r.guess.append(token)
+            if ids is not None:
+                r.dists[pos] = (ids, probs)
+            await send(self.dealer, self._proposal(r, pos, pos + 1))
 
     @staticmethod
     def _proposal(r: DraftRequest, start: int, end: int) -> p.Propose:
@@ -174,12 +191,3 @@ class DraftWorker(Worker):
         dists = [r.dists[i] for i in range(start, end)] if r.sampling.mode == "exact" else []
         return p.Propose(req_id=r.rid, epoch=r.epoch, pos=start, token_ids=r.guess[start:end],
                          q_ids=[d[0] for d in dists], q_probs=[d[1] for d in dists])
-
-    def _step(self, session: Session, seq: list[int], pos: int, sampling: Sampling, valid: int):
-        session.rollback(valid)
-        token, ids, probs = propose(session, seq, pos, sampling)
-        if self.cfg.draft_delay_ms:
-            time.sleep(self.cfg.draft_delay_ms / 1000)
-        if self.cfg.draft_wrong and ids is None:
-            token = (token + 1) % self.lm.vocab_size
-        return token, ids, probs

@@ -14,7 +14,7 @@ from typing import ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 INT_LIMIT = 1 << 63
 
 
@@ -157,6 +157,7 @@ class Register(Message):
     vocab_hash: str
     max_context: int
     eos_token_ids: list[int]
+    max_batch: int  # requests it serves at once; the coordinator assigns it no more
 
 
 @message
@@ -185,7 +186,7 @@ class Assign(Message):
     epoch: int
     max_new_tokens: int
     stop_token_ids: list[int]
-    lookahead: int
+    lookahead: int  # the request's cap on draft tokens past the committed end
     policy: str
     sampling_mode: str = "greedy"
     temperature: float = 0.0
@@ -217,6 +218,8 @@ class Verdict(Message):
     proposed: int
     accepted: int
     epoch: int  # the newest the verifier knew of: after a resend, tells its old verdicts from its new ones
+    lookahead: int  # how far the draft should now run ahead for this request: what the verifier's next passes use
+    rows: int = 1  # requests the pass verified together
     step_ms: float = 0.0  # the forward pass's own time, so the coordinator can report verifier utilisation
 
 
@@ -254,6 +257,7 @@ class Commit(Message):
     start: int
     token_ids: list[int]
     done: bool
+    lookahead: int  # the verifier's latest wish for how far the draft runs ahead
 
 
 @message

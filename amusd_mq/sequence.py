@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 @dataclass
 class Stats:
     verify_steps: int = 0
+    verify_rows: int = 0  # requests in those steps' passes, this one included
     proposed: int = 0  # draft tokens the verifier checked
     accepted: int = 0  # of those, the ones it agreed with
     draft_tokens: int = 0  # draft tokens that reached the coordinator
@@ -96,12 +97,13 @@ class Sequence:
         return pos, [], True
 
     def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int,
-                step_s: float = 0.0) -> tuple[list[int], bool] | None:
+                step_s: float = 0.0, rows: int = 1) -> tuple[list[int], bool] | None:
         """Apply a verdict. Returns (tokens committed, rollback?), or None for a stale or duplicate one."""
         if self.done or start != len(self.committed) or not tokens:
             return None
         tokens = self._terminate(tokens)
         self.stats.verify_steps += 1
+        self.stats.verify_rows += rows
         self.stats.proposed += proposed
         self.stats.accepted += accepted
         now = time.monotonic()
@@ -155,6 +157,7 @@ class Sequence:
             "new_tokens": n, "verify_steps": s.verify_steps, "proposed": s.proposed, "accepted": s.accepted,
             "acceptance_rate": s.accepted / s.proposed if s.proposed else 0.0,
             "tokens_per_verify_step": n / s.verify_steps if s.verify_steps else 0.0,
+            "verify_batch": s.verify_rows / s.verify_steps if s.verify_steps else 0.0,
             "draft_steps": s.draft_tokens, "stale_proposals": s.stale, "rollbacks": s.rollbacks,
             "queue_s": start - self.created, "ttft_s": (self.first_token or end) - start, "elapsed_s": elapsed,
             "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,

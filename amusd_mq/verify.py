@@ -1,8 +1,10 @@
 """The verify worker: the only source of committed tokens.
 
-Each step takes the proposals that extend its committed prefix, scores them in one forward pass, and
-commits the longest agreeing prefix plus its own next token. With nothing proposed it still steps,
-committing one token like plain decoding, so a slow, wrong or absent draft costs little.
+Each pass takes every active request's proposals that extend its committed prefix, scores them all in one
+batched forward pass, and commits, per request, the longest agreeing prefix plus its own next token. A
+request with nothing proposed still advances by one token in the same pass, like plain decoding, so a slow,
+wrong or absent draft costs little. How many proposals a pass checks per request follows the load
+(amusd_mq.speculation), and each verdict tells the draft how far to run ahead.
 """
 from __future__ import annotations
 
@@ -14,13 +16,15 @@ from dataclasses import dataclass, field
 
 from . import protocol as p
 from .config import VERIFY
-from .runtime.lm import Session, verify
+from .runtime.lm import Check, Session, verify
 from .sampling import GREEDY, Sampling, proposal_problem, sampling_of
 from .sequence import Sequence
+from .speculation import Acceptance, CostModel, best_depth
 from .transport import send
 from .worker import Worker
 
 log = logging.getLogger(__name__)
+CALIBRATION = ((1, 1), (1, 8), (4, 8))  # (rows, tokens per row) of the passes timed before serving
 
 
 @dataclass
@@ -28,29 +32,25 @@ class VerifyRequest:
     rid: str
     prompt: list[int]
     seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
-    lookahead: int
+    lookahead: int  # the request's cap
+    session: Session | None = None
     policy: str = "eager"
     sampling: Sampling = GREEDY
+    acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.5))
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: position -> q
     epoch: int = -1
     assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
     done: bool = False
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting_since: float | None = None  # the amusd policy: when it began waiting for two proposals
+    last: p.Verdict | None = None  # the latest verdict sent
+    finished_at: float | None = None  # when the final verdict was first sent
 
     def release(self) -> None:
         self.done = True
-        self.arrived.set()
-
-    async def wait(self, timeout_s: float) -> bool:
-        """Until a proposal arrives or the request is released: False if timeout_s passes first."""
-        self.arrived.clear()
-        try:
-            await asyncio.wait_for(self.arrived.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        if self.session is not None:
+            self.session.close()
 
     def offer(self, epoch: int, pos: int, tokens: list[int], q_ids=(), q_probs=()) -> None:
         if epoch <= self.dead_epoch or epoch < self.epoch:
@@ -61,24 +61,46 @@ class VerifyRequest:
             self.epoch = epoch
         self.proposals.update(enumerate(tokens, start=pos))
         self.dists.update(enumerate(zip(q_ids, q_probs), start=pos))
-        self.arrived.set()
 
     @property
     def room(self) -> int:
         """Proposals a pass may check, leaving room for the verifier's own token."""
         return min(self.lookahead, self.seq.max_new_tokens - len(self.seq.committed) - 1)
 
-    def take(self) -> list[int]:
-        """The proposals that extend the committed prefix, leaving room for the verifier's own token."""
+    def take(self, depth: int | None = None) -> list[int]:
+        """The proposals that extend the committed prefix, at most `depth` of them and leaving room for the
+        verifier's own token."""
         n = len(self.seq.committed)
+        limit = self.room if depth is None else min(depth, self.room)
         draft = []
-        while len(draft) < self.room and n + len(draft) in self.proposals:
+        while len(draft) < limit and n + len(draft) in self.proposals:
             draft.append(self.proposals[n + len(draft)])
         return draft
+
+    def ready(self, now: float, patience_s: float) -> bool:
+        """Whether it joins the next pass. The original AMUSD verifier (the amusd policy, kept for benchmarks)
+        waits until the draft is 2 ahead; unlike the original it gives up after patience_s, so a dead draft
+        can't stall it forever."""
+        if self.policy == "eager" or len(self.take()) >= min(2, self.room):
+            return True
+        if self.waiting_since is None:
+            self.waiting_since = now
+        return now - self.waiting_since >= patience_s
 
     def dists_of(self, draft: list[int]) -> list[tuple[list[int], list[float]]] | None:
         n = len(self.seq.committed)
         return [self.dists[n + i] for i in range(len(draft))] if self.sampling.mode == "exact" else None
+
+    def score(self, start: int, draft: list[int], accepted: int, tokens: list[int]) -> tuple[int, int]:
+        """Guesses accepted and judged by this verdict: the checked ones up to the first rejection, and the
+        guess standing unchecked where the verifier chose its own token, which the choice judges for free
+        (so acceptance is still measured while no guesses are checked)."""
+        hits, trials = accepted, accepted + (accepted < len(draft))
+        bonus = start + accepted
+        if accepted == len(draft) and len(tokens) > accepted and bonus in self.proposals:
+            hits += self.proposals[bonus] == tokens[accepted]
+            trials += 1
+        return hits, trials
 
     def settle(self, start: int, tokens: list[int]) -> None:
         """Forget proposals the commit has passed; one that contradicts it condemns its whole epoch."""
@@ -98,12 +120,26 @@ class VerifyWorker(Worker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.handlers[p.Propose] = self.on_propose
+        self.acceptance = Acceptance(0.5)  # all requests': where a new request's estimate starts
+        self.cost: CostModel | None = None
+        self.depth = 0  # guesses per request the latest pass checked
 
-    def new_request(self, msg: p.Assign) -> VerifyRequest:
+    async def prepare(self) -> None:
+        log.info("timing verify passes of %s (rows, tokens per row) to plan batches", list(CALIBRATION))
+        sizes = [(rows, width) for rows, width in CALIBRATION if rows <= self.cfg.max_batch]
+        times = await self.thread.submit(lambda: [self.lm.time_pass(rows, width) for rows, width in sizes])
+        self.cost = CostModel([(rows * width, ms) for (rows, width), ms in zip(sizes, times)])
+        log.info("a verify pass costs %.2f ms plus %.3f ms per token", self.cost.base, self.cost.per_token)
+
+    def new_request(self, msg: p.Assign, session: Session) -> VerifyRequest:
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
                        stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
-        return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead,
-                             policy=msg.policy, epoch=msg.epoch, assigned=msg.epoch, sampling=sampling_of(msg))
+        return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead, session=session,
+                             policy=msg.policy, epoch=msg.epoch, assigned=msg.epoch, sampling=sampling_of(msg),
+                             acceptance=Acceptance(self.acceptance.rate))
+
+    def extra_tasks(self):
+        return [self._repeat_final_verdicts()]
 
     async def on_propose(self, msg: p.Propose) -> None:
         r = self.requests.get(msg.req_id)
@@ -114,46 +150,66 @@ class VerifyWorker(Worker):
             self.rejects.add("invalid_proposal", f"proposal refused: {problem}")
             return
         r.offer(msg.epoch, msg.pos, msg.token_ids, msg.q_ids, msg.q_probs)
+        self.work.set()
 
-    async def serve(self, r: VerifyRequest) -> None:
-        last = None
-        with self.lm.session() as session:
-            while not r.done and not r.seq.done:
-                draft = r.take() if r.policy == "eager" else await self._wait_for_two(r)
-                tokens, accepted, step_ms = await self.thread.submit(
-                    self._step, session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
-                    r.dists_of(draft))
-                if r.done:
-                    return
-                start = len(r.seq.committed)
-                tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
-                r.settle(start, tokens)
-                last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft),
-                                 accepted=accepted, epoch=r.epoch, step_ms=step_ms)
-                await send(self.dealer, last)
-        # Nothing follows the last verdict, so its loss would go unnoticed: repeat it until released.
-        while last is not None and r.seq.done and not r.done:
-            if not await r.wait(self.cfg.heartbeat_s):
-                await send(self.dealer, last)
+    def build(self) -> list[tuple[VerifyRequest, Check]]:
+        """Each request's check, copied here on the event loop: proposals keep arriving during the pass."""
+        now = time.monotonic()
+        live = [r for r in self.requests.values() if not r.seq.done and r.ready(now, self.cfg.heartbeat_expiry_s)]
+        batch = self.take_turns(live)
+        eager = [r for r in batch if r.policy == "eager"]
+        if eager and not self.prefilled:
+            self.depth = best_depth([r.acceptance.rate for r in eager], self.cost, max(r.lookahead for r in eager))
+        checks = []
+        for r in batch:
+            draft = r.take(self.depth if r.policy == "eager" else None)
+            checks.append((r, Check(r.session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
+                                    r.dists_of(draft))))
+        return checks
 
-    async def _wait_for_two(self, r: VerifyRequest) -> list[int]:
-        """The original AMUSD verifier waits until the draft is 2 ahead. Kept for comparison only (the
-        benchmark's amusd-policy); unlike the original it gives up after a heartbeat expiry, so a dead draft
-        can't stall it forever."""
-        draft = r.take()
-        deadline = time.monotonic() + self.cfg.heartbeat_expiry_s
-        while len(draft) < min(2, r.room) and not r.done:
-            if not await r.wait(deadline - time.monotonic()):
-                break
-            draft = r.take()
-        return draft
+    def patience(self) -> float | None:
+        """While an amusd-policy request waits for proposals, the loop looks again a few times a heartbeat."""
+        waiting = any(not r.seq.done and r.policy != "eager" for r in self.requests.values())
+        return self.cfg.heartbeat_s / 4 if waiting else None
 
-    def _step(self, session: Session, seq: list[int], draft: list[int], pos: int, sampling: Sampling,
-              q) -> tuple[list[int], int, float]:
+    def compute(self, batch: list[tuple[VerifyRequest, Check]]) -> tuple[list[tuple[list[int], int]], float]:
         start = time.perf_counter()
-        tokens, accepted = verify(session, seq, draft, pos, sampling, q)
+        out = verify(self.lm, [check for _, check in batch])
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)
         if self.cfg.verify_hang_after and self.thread.done >= self.cfg.verify_hang_after:
             threading.Event().wait()
-        return tokens, accepted, (time.perf_counter() - start) * 1000
+        return out, (time.perf_counter() - start) * 1000
+
+    async def finish(self, batch: list[tuple[VerifyRequest, Check]], outcome) -> None:
+        results, step_ms = outcome
+        if not self.prefilled:
+            self.cost.observe(len(batch) * (max(len(check.draft) for _, check in batch) + 1), step_ms)
+        now = time.monotonic()
+        for (r, check), (tokens, accepted) in zip(batch, results):
+            draft = check.draft
+            if r.done:
+                continue  # released during the pass
+            r.waiting_since = None
+            start = len(r.seq.committed)
+            tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
+            hits, trials = r.score(start, draft, accepted, tokens)
+            r.acceptance.observe(hits, trials)
+            self.acceptance.observe(hits, trials)
+            r.settle(start, tokens)
+            reach = r.lookahead if r.policy != "eager" else min(r.lookahead, max(self.depth, 1))
+            r.last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft), accepted=accepted,
+                               epoch=r.epoch, lookahead=reach, rows=len(batch), step_ms=step_ms)
+            if r.seq.done:
+                r.finished_at = now
+            await send(self.dealer, r.last)
+
+    async def _repeat_final_verdicts(self) -> None:
+        """Nothing follows a request's last verdict, so its loss would go unnoticed: it is sent again every
+        heartbeat until the coordinator releases the request."""
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            now = time.monotonic()
+            for r in list(self.requests.values()):
+                if r.finished_at is not None and now - r.finished_at >= self.cfg.heartbeat_s:
+                    await send(self.dealer, r.last)

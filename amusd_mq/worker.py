@@ -1,9 +1,14 @@
-"""What draft and verify workers share: registration, heartbeats, reconnection, message dispatch.
+"""What draft and verify workers share: registration, heartbeats, reconnection, message dispatch, and the
+step loop that serves all their requests at once.
 
 A worker connects a DEALER to the coordinator, registers, and then serves Assign/Release and its role's
 messages. Heartbeats flow both ways (Paranoid Pirate): a coordinator silent for `liveness` intervals is
 presumed dead, the worker drops its requests and registers again, after a quarter heartbeat and then with
 backoff capped at two heartbeats; a successful registration resets the backoff.
+
+The step loop is a scheduler's (SGLang's shape): take the requests that have work, build one batch, run it
+in one forward pass on the model thread, process the results, again. A request's first pass (its prefill)
+runs alone, taking turns with the others' steps, so a long prompt holds the others up for one pass at most.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .config import Config, ConfigurationError
-from .runtime.lm import LM
+from .runtime.lm import LM, Session
 from .runtime.thread import ModelThread
 from .security import load_keys, secure
 from .tasks import first_to_end, surviving
@@ -39,7 +44,8 @@ class Worker:
         self.keys = load_keys(self.role, cfg.curve_secret_key, cfg.curve_server_key)
         self.dealer: zmq.asyncio.Socket | None = None
         self.requests: dict = {}
-        self.tasks: dict[str, asyncio.Task] = {}
+        self.work = asyncio.Event()  # set whenever a request may have something new to do
+        self.prefilled = False  # whether the last pass was a prefill: prefills and steps take turns
         self.last_heard = 0.0
         self.registered_seq: int | None = None  # the PUB sequence number at registration; None until registered
         self.forgotten = asyncio.Event()  # the coordinator answered with unknown_worker
@@ -49,11 +55,12 @@ class Worker:
     def register_message(self) -> p.Register:
         return p.Register(role=self.role, model=self.lm.name, runner=self.lm.runner, vocab_size=self.lm.vocab_size,
                           vocab_hash=self.lm.info.vocab_hash, max_context=self.lm.max_context,
-                          eos_token_ids=self.lm.eos_token_ids)
+                          eos_token_ids=self.lm.eos_token_ids, max_batch=self.cfg.max_batch)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve registration after registration until stopped. Raises ConfigurationError when refused, and any
         unexpected error of a core task, so the process exits non-zero rather than live on without serving."""
+        await self.prepare()
         register = self.register_message()
         backoff = self._first_backoff
         while not stop.is_set():
@@ -97,7 +104,7 @@ class Worker:
                      self.lm.runner)
             await self.on_registered()
             # Only the heartbeat returns; the receive loops end by raising, which ends the process.
-            await first_to_end(None, [self._recv_loop(), self._heartbeat(), *self.extra_tasks()])
+            await first_to_end(None, [self._recv_loop(), self._heartbeat(), self._step_loop(), *self.extra_tasks()])
         finally:
             self.dealer.close()
             self.on_disconnected()
@@ -153,38 +160,62 @@ class Worker:
         if held is not None:
             if msg.epoch <= held.assigned:
                 return  # a duplicate
-            held.release()  # resent under a newer epoch: what it holds was built on a lost message
+            self._drop(msg.req_id)  # resent under a newer epoch: what it holds was built on a lost message
         if any(t >= self.lm.vocab_size for t in msg.prompt_ids + msg.committed):
             self.rejects.add("invalid_assign", "assignment with token ids outside the vocabulary")
             return
-        self.requests[msg.req_id] = state = self.new_request(msg)
-        self.tasks[msg.req_id] = asyncio.create_task(self._serve_request(state))
-
-    async def _serve_request(self, state) -> None:
-        try:
-            await self.serve(state)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s request %s failed", self.role, state.rid)
-        finally:
-            if self.requests.get(state.rid) is state:  # not already replaced by a fresh Assign
-                del self.requests[state.rid]
-            if self.tasks.get(state.rid) is asyncio.current_task():
-                del self.tasks[state.rid]
+        if len(self.requests) >= self.cfg.max_batch:  # the coordinator assigns no more; only a bug gets here
+            self.rejects.add("over_capacity", f"assignment beyond AMUSD_MAX_BATCH={self.cfg.max_batch}")
+            return
+        self.requests[msg.req_id] = self.new_request(msg, self.lm.session())
+        self.work.set()
 
     async def on_release(self, msg: p.Release) -> None:
-        state = self.requests.pop(msg.req_id, None)
+        self._drop(msg.req_id)
+
+    def _drop(self, rid: str) -> None:
+        state = self.requests.pop(rid, None)
         if state is not None:
             state.release()
 
     def _drop_all(self) -> None:
-        for task in self.tasks.values():
-            task.cancel()
-        self.requests.clear()
-        self.tasks.clear()
+        for rid in list(self.requests):
+            self._drop(rid)
+
+    async def _step_loop(self) -> None:
+        while True:
+            self.work.clear()
+            batch = self.build()
+            if not batch:
+                try:
+                    await asyncio.wait_for(self.work.wait(), self.patience())
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            try:
+                outcome = await self.thread.submit(self.compute, batch)
+            except Exception:
+                # Which request broke the pass is unknown: all of them are dropped here, and the coordinator,
+                # seeing no progress, sends each again.
+                log.exception("a %s pass over %d requests failed", self.role, len(batch))
+                self.rejects.add("internal", f"{self.role} pass failed")
+                for state, *_ in batch:
+                    if self.requests.get(state.rid) is state:
+                        self._drop(state.rid)
+                continue
+            await self.finish(batch, outcome)
+
+    def take_turns(self, live: list) -> list:
+        """The requests of the next pass: one request's first pass alone, or every other's next step."""
+        fresh = [r for r in live if r.session.length == 0]
+        warm = [r for r in live if r.session.length > 0]
+        self.prefilled = bool(fresh) and (not warm or not self.prefilled)
+        return fresh[:1] if self.prefilled else warm
 
     # role hooks
+
+    async def prepare(self) -> None:
+        """Once, before the first registration."""
 
     async def on_registered(self) -> None:
         pass
@@ -195,8 +226,22 @@ class Worker:
     def extra_tasks(self) -> list[Coroutine]:
         return []
 
-    def new_request(self, msg: p.Assign):
+    def new_request(self, msg: p.Assign, session: Session):
         raise NotImplementedError
 
-    async def serve(self, state) -> None:
+    def build(self) -> list[tuple]:
+        """The next pass's work, taken from the requests on the event loop: one tuple per request, the request
+        first. Empty when none has any."""
         raise NotImplementedError
+
+    def compute(self, batch: list[tuple]):
+        """The pass itself, on the model thread."""
+        raise NotImplementedError
+
+    async def finish(self, batch: list[tuple], outcome) -> None:
+        """Back on the event loop: apply the pass's outcome and send what it produced."""
+        raise NotImplementedError
+
+    def patience(self) -> float | None:
+        """How long the loop may wait for news when no request has work (None: until some arrives)."""
+        return None

@@ -1,8 +1,9 @@
 """Chaos soak: N requests against a deployment of separate processes while services are killed and frozen.
 
-Starts a coordinator, two verifiers and two drafts (tiny fp32 models by default), runs requests two at a
-time, and for a share of them SIGKILLs (then restarts) or SIGSTOPs (then resumes) a random worker, or with
---coordinator also the coordinator, at a random moment mid-generation. With --message-faults P every
+Starts a coordinator, two verifiers and two drafts (tiny fp32 models by default), runs requests from
+--clients concurrent clients (each its own connection, sending its next request when the last ends, so the
+workers serve batches), and for a share of them SIGKILLs (then restarts) or SIGSTOPs (then resumes) a random
+worker, or with --coordinator also the coordinator, at a random moment mid-generation. With --message-faults P every
 message between services is dropped, duplicated or held back with probability P each. A request whose
 coordinator restarted is submitted again (Lazy Pirate). Every output is checked against the verify model's
 own greedy decoding. With --hostile, careless and hostile peers act beside the soak, one after another: poison
@@ -10,7 +11,7 @@ frames, a 3 MiB prompt, a client killed or closed mid-stream, one client's flood
 coordinator restarts in a row with a wrong-vocabulary worker waiting to register first. Each is timed against what
 the service promises.
 
-    python scripts/chaos.py --requests 200 --fault-rate 0.5 --coordinator --message-faults 0.02 --hostile
+    python scripts/chaos.py --requests 200 --clients 8 --fault-rate 0.5 --coordinator --message-faults 0.02 --hostile
 """
 from __future__ import annotations
 
@@ -247,6 +248,7 @@ class Hostile:
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=2, help="concurrent clients, each with its own connection")
     ap.add_argument("--fault-rate", type=float, default=0.5)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--verify-delay-ms", type=float, default=15.0, help="make the tiny verifier as slow as a big one")
@@ -338,12 +340,18 @@ async def main() -> int:
 
     hostile = Hostile(d, busy, window_s=0.25 * 5) if args.hostile else None
     adversary = asyncio.create_task(hostile.run(args.coordinator)) if hostile else None
+    order, finished = iter(range(args.requests)), itertools.count(1)
+
+    async def client_loop() -> None:
+        async with AsyncClient(d.url, timeout_s=10) as client:
+            for i in order:
+                await one(client, i)
+                print(f"\r{next(finished)}/{args.requests} requests", end="", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    await asyncio.gather(*(client_loop() for _ in range(args.clients)))
+    elapsed = time.monotonic() - started
     async with AsyncClient(d.url, timeout_s=10) as client:
-        started = time.monotonic()
-        for i in range(0, args.requests, 2):
-            await asyncio.gather(*(one(client, j) for j in range(i, min(i + 2, args.requests))))
-            print(f"\r{min(i + 2, args.requests)}/{args.requests} requests", end="", file=sys.stderr, flush=True)
-        elapsed = time.monotonic() - started
         if adversary is not None:
             adversary.cancel()
             await asyncio.gather(adversary, return_exceptions=True)
@@ -355,7 +363,7 @@ async def main() -> int:
             for kind, n in ast.literal_eval(found).items():
                 figures[f"messages_{kind}"] = figures.get(f"messages_{kind}", 0) + n
     recovery = sorted(figures.pop("recovery_s"))
-    figures.update(requests=args.requests, elapsed_s=round(elapsed, 1), rejected=status.rejected,
+    figures.update(requests=args.requests, clients=args.clients, elapsed_s=round(elapsed, 1), rejected=status.rejected,
                    recovery_p50_s=round(statistics.median(recovery), 3) if recovery else 0.0,
                    recovery_p99_s=round(recovery[min(len(recovery) - 1, int(0.99 * len(recovery)))], 3)
                    if recovery else 0.0, **(hostile.summary() if hostile else {}))

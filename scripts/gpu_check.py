@@ -18,7 +18,9 @@ from amusd_mq import models
 from amusd_mq.bench.baselines import autoregressive
 from amusd_mq.runtime.lm import Row
 from amusd_mq.runtime.load import load
-from amusd_mq.runtime.native import ROW_BUCKETS, TOKEN_BUCKETS
+from amusd_mq.runtime.native import TOKEN_BUCKETS, row_buckets
+
+SLOTS = 16
 
 BASE = dict(vocab_size=258, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=2, max_position_embeddings=1024)
@@ -33,7 +35,7 @@ def check(name: str, device: str) -> list[str]:
     model_cls(config).save_pretrained(path)
     models.tiny_tokenizer().save_pretrained(path)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    lm = load(path, device, "float32", runner="native", slots=max(ROW_BUCKETS), max_context=512)
+    lm = load(path, device, "float32", runner="native", slots=SLOTS, max_context=512)
     lm.warm_up()  # captures the graphs
     assert lm.graphs is not None or device == "cpu", "no CUDA graphs were captured"
     failures, rng = [], random.Random(0)
@@ -47,7 +49,7 @@ def check(name: str, device: str) -> list[str]:
         if error > 1e-4:
             failures.append(f"{name} {what}: relative error {error:.2e}")
 
-    for n_rows in ROW_BUCKETS:
+    for n_rows in row_buckets(SLOTS):
         for n_tokens in TOKEN_BUCKETS:
             sessions = [lm.session() for _ in range(n_rows)]
             rows, seqs = [], []
@@ -73,7 +75,7 @@ def check(name: str, device: str) -> list[str]:
                                         pad_token_id=0)[0, len(prompt):].tolist()
         if ours != theirs:
             failures.append(f"{name} greedy prompt {i}: {ours} against transformers' {theirs}")
-    print(f"{name}: {len(ROW_BUCKETS) * len(TOKEN_BUCKETS)} row and token buckets and 5 greedy decodes checked, "
+    print(f"{name}: {len(row_buckets(SLOTS)) * len(TOKEN_BUCKETS)} row and token buckets and 5 greedy decodes checked, "
           f"{len(failures)} failures", flush=True)
     return failures
 

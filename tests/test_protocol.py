@@ -15,14 +15,15 @@ SAMPLES = [
     p.StatusReply(verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4, cancelled=1,
                   clients_lost=0),
     p.Register(role="verify", model="m", runner="native", vocab_size=9, vocab_hash="h", max_context=8,
-               eos_token_ids=[]),
+               eos_token_ids=[], max_batch=4),
     p.Registered(seq=3, heartbeat_s=1.0), p.Heartbeat(),
     p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3,
              policy="eager"),
     p.Propose(req_id="r", epoch=0, pos=0, token_ids=[7]),
-    p.Verdict(req_id="r", start=0, token_ids=[7, 8], proposed=3, accepted=1, epoch=0), p.Release(req_id="r"),
+    p.Verdict(req_id="r", start=0, token_ids=[7, 8], proposed=3, accepted=1, epoch=0, lookahead=2),
+    p.Release(req_id="r"),
     p.SnapshotRequest(req_id="r"), p.Snapshot(req_id="r", seq=1, epoch=0, committed=[], done=False),
-    p.Commit(seq=1, req_id="r", epoch=0, start=0, token_ids=[1], done=True), p.Beat(seq=9),
+    p.Commit(seq=1, req_id="r", epoch=0, start=0, token_ids=[1], done=True, lookahead=0), p.Beat(seq=9),
 ]
 
 

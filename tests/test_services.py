@@ -155,8 +155,10 @@ async def test_malformed_messages_are_rejected_counted_and_survived(deploy, refe
         "unknown_type": [msgpack.packb({**body, "t": "format_disk"})],
         "field": [msgpack.packb({**body, "t": "generate", "req_id": 7, "max_new_tokens": 1})],
         "oversized": [b"\x00" * 5000],
-        "unexpected_type": [p.encode(p.Commit(seq=1, req_id="x", epoch=0, start=0, token_ids=[], done=False))],
-        "unknown_worker": [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0))],
+        "unexpected_type": [p.encode(p.Commit(seq=1, req_id="x", epoch=0, start=0, token_ids=[], done=False,
+                                              lookahead=1))],
+        "unknown_worker": [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0,
+                                              lookahead=1))],
     }
     frames["malformed"].append(b"")  # a second, multipart payload
     replies = await raw_exchange(d.url, list(frames.values()))
@@ -274,12 +276,12 @@ async def test_workers_are_held_to_their_role_and_their_requests(deploy, tiny_ve
     d = deploy(roles=("coordinator", "verify"))
     await d.wait_ready(drafts=0, timeout_s=120)
     sign_up = dict(model="imposter", runner="hf", vocab_size=tiny_verify.vocab_size,
-                   vocab_hash=tiny_verify.info.vocab_hash, max_context=64, eos_token_ids=[])
+                   vocab_hash=tiny_verify.info.vocab_hash, max_context=64, eos_token_ids=[], max_batch=1)
     replies = await raw_exchange(d.url, [
         [p.encode(p.Register(role="judge", **sign_up))],
         [p.encode(p.Register(role="draft", **{**sign_up, "vocab_hash": "0" * 64}))],
         [p.encode(p.Register(role="draft", **sign_up))],
-        [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0))],
+        [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0, lookahead=1))],
         [p.encode(p.Propose(req_id="not-mine", epoch=0, pos=0, token_ids=[1]))],
     ])
     assert [type(r).__name__ for r in replies] == ["Error", "Error", "Registered", "Error", "Release"]

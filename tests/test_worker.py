@@ -134,7 +134,7 @@ async def test_draft_resyncs_from_a_snapshot_after_a_gap(harness, reference):
             break
     assert prop.pos == len(committed)
     # a later commit with a gap in sequence numbers triggers another snapshot request
-    await coordinator.publish(p.Commit(seq=9, req_id="r1", epoch=2, start=6, token_ids=[9], done=False))
+    await coordinator.publish(p.Commit(seq=9, req_id="r1", epoch=2, start=6, token_ids=[9], done=False, lookahead=4))
     _, again = await coordinator.expect(p.SnapshotRequest)
     assert again.req_id == "r1"
 
@@ -153,7 +153,8 @@ async def test_draft_rolls_back_on_a_contradicting_commit(harness):
     seq = 0
     while True:  # publish until the subscriber has joined (the slow-joiner problem)
         seq += 1
-        await coordinator.publish(p.Commit(seq=seq, req_id="r1", epoch=1, start=0, token_ids=[wrong], done=False))
+        await coordinator.publish(p.Commit(seq=seq, req_id="r1", epoch=1, start=0, token_ids=[wrong], done=False,
+                                           lookahead=4))
         try:
             _, prop = await coordinator.expect(p.Propose, timeout=0.2)
             break

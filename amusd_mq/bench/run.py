@@ -277,8 +277,8 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
         ctx.term()
     typical = [p.Propose(req_id="0" * 32, epoch=3, pos=100, token_ids=[1234]),
                p.Verdict(req_id="0" * 32, start=100, token_ids=[1, 2, 3], proposed=3, accepted=2, epoch=3,
-                         step_ms=10.0),
-               p.Commit(seq=1000, req_id="0" * 32, epoch=3, start=100, token_ids=[1, 2, 3], done=False)]
+                         lookahead=8, step_ms=10.0),
+               p.Commit(seq=1000, req_id="0" * 32, epoch=3, start=100, token_ids=[1, 2, 3], done=False, lookahead=8)]
     rounds = []
     for _ in range(10):  # the fastest round: on a shared machine the others include time on another process
         start = time.perf_counter()

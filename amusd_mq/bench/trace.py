@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.hf import HFLM
-from ..runtime.lm import DTYPES, LM, ModelInfo, Session
+from ..runtime.lm import DTYPES, LM, Feed, ModelInfo, Session
 from ..runtime.native import NativeLM, NativeModel
 from ..vocab import TRACE_PREFIX, trace_hash
 from .baselines import autoregressive
@@ -172,7 +172,7 @@ class TraceLM(LM):
     @classmethod
     def for_role(cls, cfg, role: str) -> "TraceLM":
         name, device = cfg.model_of(role)
-        return cls(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.kv_slots, cfg.max_context)
+        return cls(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.max_batch, cfg.max_context)
 
     def session(self) -> "TraceSession":
         return TraceSession(self)
@@ -180,6 +180,28 @@ class TraceLM(LM):
     def warm_up(self) -> None:
         if self.compute is not None:
             self.compute.warm_up()
+
+    def logits(self, feeds: list[Feed]):
+        raise NotImplementedError("a trace records greedy choices only")
+
+    def time_pass(self, rows: int, width: int, context: int = 64) -> float:
+        if self.compute is not None:
+            return self.compute.time_pass(rows, width, context)
+        return self.profile.step_ms(self.role, rows * width)
+
+    def greedy(self, feeds: list[Feed]) -> list[list[int]]:
+        """The trace's choices, after spending one batched pass's time: a real forward at the compute shape, or
+        the latency profile's time for all the tokens fed."""
+        out = [f.session.choices(f.seq, f.n_out) for f in feeds]
+        if self.compute is not None:
+            vocab = self.compute.vocab_size
+            self.compute.logits([Feed(f.session.compute, [t % vocab for t in f.seq], f.n_out) for f in feeds])
+        else:
+            spend(self.profile.step_ms(self.role, sum(len(f.seq) - min(f.session.length, len(f.seq) - f.n_out)
+                                                      for f in feeds)) / 1000)
+        for f in feeds:
+            f.session.length = len(f.seq)
+        return out
 
 
 class TraceSession(Session):
@@ -200,16 +222,12 @@ class TraceSession(Session):
         if self.compute is not None:
             self.compute.rollback(length)
 
-    def logits(self, seq: list[int], n_out: int):
-        raise NotImplementedError("a trace records greedy choices only")
-
-    def greedy(self, seq: list[int], n_out: int) -> list[int]:
+    def choices(self, seq: list[int], n_out: int) -> list[int]:
         lm = self.lm
         if self.record is None:
             self.record = next((r for r in lm.trace.prompts if seq[:len(r.prompt_ids)] == r.prompt_ids), None)
             if self.record is None:
                 raise KeyError("prompt not in the trace")
-        self._spend(seq, n_out)
         gen = seq[len(self.record.prompt_ids):]
         target = self.record.target
         on_path = next((i for i, (a, b) in enumerate(zip(gen, target)) if a != b), min(len(gen), len(target)))
@@ -221,12 +239,3 @@ class TraceSession(Session):
             else:  # off the recorded path only the first wrong guess matters; anything the verifier rejects will do
                 out.append((target[j] + 1) % lm.vocab_size if j < len(target) else 0)
         return out
-
-    def _spend(self, seq: list[int], n_out: int) -> None:
-        if self.compute is not None:
-            vocab = self.lm.compute.vocab_size
-            self.compute.logits([t % vocab for t in seq], n_out)
-        else:
-            fed = len(seq) - min(self.length, len(seq) - n_out)
-            spend(self.lm.profile.step_ms(self.lm.role, fed) / 1000)
-        self.length = len(seq)

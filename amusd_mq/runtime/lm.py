@@ -4,10 +4,12 @@ hold one sequence's KV cache each.
 A runner takes a batch of rows in one step: each row is a slot (one sequence's cache), the position its new
 tokens start at, the tokens, and how many of the last positions it wants logits for. A session owns a slot
 and the length of its cache that is still valid; the caller, who knows where a sequence was rolled back, says
-so with `rollback`, and nothing is compared or copied to find it.
+so with `rollback`, and nothing is compared or copied to find it. `verify` and `propose` take many sequences
+at once and run them in one forward pass.
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -28,7 +30,7 @@ class Row:
 
 
 class SlotsExhausted(RuntimeError):
-    """Every KV-cache slot is taken: a worker serves at most AMUSD_KV_SLOTS sequences at once."""
+    """Every KV-cache slot is taken: a worker serves at most AMUSD_MAX_BATCH sequences at once."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,30 @@ class LM:
         """Each row's logits, [n_out, vocab] in float32, after writing its tokens into its slot."""
         raise NotImplementedError
 
+    def logits(self, feeds: list["Feed"]) -> list[torch.Tensor]:
+        """Each feed's logits [n_out, vocab] in one step; each session then holds its whole sequence."""
+        rows = []
+        for f in feeds:
+            start = min(f.session.length, len(f.seq) - f.n_out)
+            rows.append(Row(f.session.slot, start, f.seq[start:], f.n_out))
+        out = self.step(rows)
+        for f in feeds:
+            f.session.length = len(f.seq)
+        return out
+
+    def greedy(self, feeds: list["Feed"]) -> list[list[int]]:
+        """Each feed's argmax choices, with one copy to the host for the whole batch."""
+        logits = self.logits(feeds)
+        flat = torch.cat([x.argmax(-1) for x in logits]).tolist()
+        out, at = [], 0
+        for f in feeds:
+            out.append(flat[at:at + f.n_out])
+            at += f.n_out
+        return out
+
     def open_slot(self) -> int:
         if not self._free:
-            raise SlotsExhausted("every KV-cache slot is in use (AMUSD_KV_SLOTS)")
+            raise SlotsExhausted("every KV-cache slot is in use (AMUSD_MAX_BATCH)")
         return self._free.pop()
 
     def free_slot(self, slot: int) -> None:
@@ -80,6 +103,26 @@ class LM:
 
     def session(self) -> "Session":
         return Session(self)
+
+    def time_pass(self, rows: int, width: int, context: int = 64) -> float:
+        """Milliseconds of one step of `rows` sequences, each feeding `width` tokens after `context` cached ones:
+        the cost a verifier plans its batches with."""
+        context = max(1, min(context, self.max_context - width))
+        sessions = [self.session() for _ in range(rows)]
+        try:
+            prefix = [i % self.vocab_size for i in range(1, context + 1)]
+            self.logits([Feed(s, prefix, 1) for s in sessions])
+            best = float("inf")
+            for _ in range(2):
+                for s in sessions:
+                    s.rollback(context)
+                start = time.perf_counter()
+                self.greedy([Feed(s, prefix + [1] * width, width) for s in sessions])
+                best = min(best, (time.perf_counter() - start) * 1000)
+            return best
+        finally:
+            for s in sessions:
+                s.close()
 
     def warm_up(self) -> None:
         """A short sequence through a session, so the first request doesn't pay for allocation and kernel choice."""
@@ -113,38 +156,72 @@ class Session:
     def logits(self, seq: list[int], n_out: int) -> torch.Tensor:
         """Logits [n_out, vocab] predicting the tokens after each of the last n_out positions of seq, which must
         extend the first `length` positions the cache holds."""
-        start = min(self.length, len(seq) - n_out)
-        out = self.lm.step([Row(self.slot, start, seq[start:], n_out)])[0]
-        self.length = len(seq)
-        return out
+        return self.lm.logits([Feed(self, seq, n_out)])[0]
 
     def greedy(self, seq: list[int], n_out: int) -> list[int]:
-        return self.logits(seq, n_out).argmax(-1).tolist()
+        return self.lm.greedy([Feed(self, seq, n_out)])[0]
 
 
-def verify(session: Session, seq: list[int], draft: list[int], start: int = 0, sampling: Sampling = GREEDY,
-           q: list[tuple[list[int], list[float]]] | None = None) -> tuple[list[int], int]:
-    """One verify pass after `seq`, whose next token is generated position `start`: the accepted prefix of
-    `draft`, plus the verifier's own next token. In greedy and seeded mode the accepted prefix is the one the
-    model agrees with; in exact mode, rejection sampling against the draft's distributions `q`. The session is
-    left holding seq and the accepted tokens."""
-    n = len(draft) + 1
-    if sampling.mode == "exact":
-        tokens, accepted = sampling.verify_exact(session.logits(seq + draft, n), draft, start, q)
+@dataclass(frozen=True)
+class Feed:
+    """One sequence of a batched step: the session holding its cache, the whole sequence, and how many of its
+    last positions want logits."""
+    session: Session
+    seq: list[int]
+    n_out: int
+
+
+@dataclass(frozen=True)
+class Check:
+    """One sequence's verify pass: `seq` is committed, its next token is generated position `start`, and `draft`
+    is proposed after it (with the draft's distributions `q` in exact mode)."""
+    session: Session
+    seq: list[int]
+    draft: list[int]
+    start: int = 0
+    sampling: Sampling = GREEDY
+    q: list[tuple[list[int], list[float]]] | None = None
+
+
+@dataclass(frozen=True)
+class Guess:
+    """One sequence's draft step: the next token after `seq`, which is generated position `position`."""
+    session: Session
+    seq: list[int]
+    position: int
+    sampling: Sampling = GREEDY
+
+
+def verify(lm: LM, checks: list[Check]) -> list[tuple[list[int], int]]:
+    """One verify pass over many sequences: for each, the accepted prefix of its draft and the verifier's own next
+    token. In greedy and seeded mode the accepted prefix is the one the model agrees with; in exact mode,
+    rejection sampling against the draft's distributions. Each session is left holding its sequence and the
+    accepted tokens."""
+    feeds = [Feed(c.session, c.seq + c.draft, len(c.draft) + 1) for c in checks]
+    if all(c.sampling.mode == "greedy" for c in checks):
+        choices, logits = lm.greedy(feeds), [None] * len(checks)
     else:
-        choices = (session.greedy(seq + draft, n) if sampling.mode == "greedy" else
-                   sampling.choose(session.logits(seq + draft, n), list(range(start, start + n))))
-        accepted = 0
-        while accepted < len(draft) and draft[accepted] == choices[accepted]:
-            accepted += 1
-        tokens = draft[:accepted] + [choices[accepted]]
-    session.rollback(len(seq) + accepted)
-    return tokens, accepted
+        choices, logits = [None] * len(checks), lm.logits(feeds)
+    out = []
+    for c, chosen, scores in zip(checks, choices, logits):
+        n = len(c.draft) + 1
+        if c.sampling.mode == "exact":
+            tokens, accepted = c.sampling.verify_exact(scores, c.draft, c.start, c.q)
+        else:
+            if chosen is None:
+                chosen = c.sampling.choose(scores, list(range(c.start, c.start + n)))
+            accepted = 0
+            while accepted < len(c.draft) and c.draft[accepted] == chosen[accepted]:
+                accepted += 1
+            tokens = c.draft[:accepted] + [chosen[accepted]]
+        c.session.rollback(len(c.seq) + accepted)
+        out.append((tokens, accepted))
+    return out
 
 
-def propose(session: Session, seq: list[int], position: int,
-            sampling: Sampling = GREEDY) -> tuple[int, list[int] | None, list[float] | None]:
-    """The draft's next token after `seq` (generated position `position`), with its distribution in exact mode."""
-    if sampling.mode == "greedy":
-        return session.greedy(seq, 1)[0], None, None
-    return sampling.propose(session.logits(seq, 1), position)
+def propose(lm: LM, guesses: list[Guess]) -> list[tuple[int, list[int] | None, list[float] | None]]:
+    """Each sequence's next draft token in one pass, with its distribution in exact mode."""
+    feeds = [Feed(g.session, g.seq, 1) for g in guesses]
+    if all(g.sampling.mode == "greedy" for g in guesses):
+        return [(chosen[0], None, None) for chosen in lm.greedy(feeds)]
+    return [g.sampling.propose(scores, g.position) for g, scores in zip(guesses, lm.logits(feeds))]

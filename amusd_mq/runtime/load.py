@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
     """The model a worker of `role` serves, as the settings describe it."""
     name, device = cfg.model_of(role)
-    return load(name, device, cfg.dtype, cfg.cache_dir, cfg.runner, cfg.kv_slots, cfg.max_context, runner_chosen)
+    return load(name, device, cfg.dtype, cfg.cache_dir, cfg.runner, cfg.max_batch, cfg.max_context, runner_chosen)
 
 
 def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,

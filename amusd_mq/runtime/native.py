@@ -24,7 +24,11 @@ from .lm import LM, ModelInfo, Row
 log = logging.getLogger(__name__)
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # tokens per row that a CUDA graph is captured for; longer rows run eagerly
-ROW_BUCKETS = (1, 2, 4, 8)
+
+
+def row_buckets(slots: int) -> tuple[int, ...]:
+    """Rows per step that a CUDA graph is captured for: powers of two up to the slots, and the slots."""
+    return tuple(sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)}))
 PREFILL_CHUNK = 512  # a long prefill runs in chunks of this many tokens, so its activations stay small
 
 
@@ -210,7 +214,8 @@ class Graphs:
         self.model = model
         self.pool = torch.cuda.graph_pool_handle()
         self.captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
-        for n_rows in ROW_BUCKETS:
+        self.row_buckets = row_buckets(model.slots)
+        for n_rows in self.row_buckets:
             for n_tokens in TOKEN_BUCKETS:
                 self._capture(n_rows, n_tokens)
 
@@ -230,7 +235,7 @@ class Graphs:
 
     def run(self, rows: list[Row]) -> torch.Tensor | None:
         """Logits [rows, bucket's tokens, vocab], or None when no bucket holds the rows."""
-        n_rows = next((b for b in ROW_BUCKETS if b >= len(rows)), None)
+        n_rows = next((b for b in self.row_buckets if b >= len(rows)), None)
         n_tokens = next((b for b in TOKEN_BUCKETS if b >= max(len(r.tokens) for r in rows)), None)
         if n_rows is None or n_tokens is None:
             return None
@@ -251,7 +256,8 @@ class NativeLM(LM):
 
     def warm_up(self) -> None:
         if self.model.device.type == "cuda":
-            log.info("capturing CUDA graphs for %d row and %d token buckets", len(ROW_BUCKETS), len(TOKEN_BUCKETS))
+            log.info("capturing CUDA graphs for %d row and %d token buckets", len(row_buckets(self.model.slots)),
+                     len(TOKEN_BUCKETS))
             self.graphs = Graphs(self.model)
         super().warm_up()
 

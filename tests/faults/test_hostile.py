@@ -137,7 +137,7 @@ async def test_a_wrong_vocabulary_registering_first_locks_nobody_out(deploy, odd
 
 
 async def test_a_killed_client_frees_its_workers_within_the_liveness_window(deploy, reference, tiny_verify):
-    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10, AMUSD_MAX_BATCH=1)  # one at a time: the next waits until it is freed
     await d.wait_ready(timeout_s=120)
     proc = subprocess.Popen([sys.executable, CLIENT, d.url, PROMPT, "2000", "--ignore-eos"], stdout=subprocess.PIPE)
     try:
@@ -156,7 +156,7 @@ async def test_a_killed_client_frees_its_workers_within_the_liveness_window(depl
 
 @pytest.mark.parametrize("how", ["close", "break", "drop", "leave"])
 async def test_a_closed_or_abandoned_stream_cancels_its_request(deploy, reference, tiny_verify, how):
-    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10, AMUSD_MAX_BATCH=1)  # one at a time: the next waits until it is freed
     await d.wait_ready(timeout_s=120)
     client = AsyncClient(d.url, timeout_s=30)
     await client.connect()
@@ -208,7 +208,7 @@ async def test_one_clients_flood_does_not_starve_another(deploy, reference, tiny
 
 
 async def test_the_queue_is_bounded(deploy, reference, tiny_verify):
-    d = deploy(AMUSD_VERIFY_DELAY_MS=10, AMUSD_MAX_QUEUE=3)
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10, AMUSD_MAX_QUEUE=3, AMUSD_MAX_BATCH=1)
     await d.wait_ready(timeout_s=120)
     prompts = [[5, 6, 7 + i] for i in range(8)]
     async with AsyncClient(d.url, timeout_s=60) as client:

@@ -8,14 +8,15 @@ import torch
 
 from amusd_mq import models
 from amusd_mq.bench.baselines import autoregressive, speculative_sync
-from amusd_mq.runtime.lm import Row, SlotsExhausted, verify
+from amusd_mq.runtime.lm import Check, Guess, Row, SlotsExhausted, propose, verify
 from amusd_mq.runtime.load import load
 from amusd_mq.runtime.thread import ModelThread
+from amusd_mq.sampling import requested
 
 
 @pytest.fixture(scope="module", params=["native", "hf"])
 def runner_lm(request, tiny_cache):
-    return load("tiny-verify", "cpu", "float32", tiny_cache, runner=request.param)
+    return load("tiny-verify", "cpu", "float32", tiny_cache, runner=request.param, slots=8)
 
 
 def full_logits(hf_verify, seq):
@@ -59,10 +60,42 @@ def test_verify_greedy_accepts_the_agreeing_prefix_plus_one(runner_lm, reference
             if wrong_at is not None:
                 draft[wrong_at] = (draft[wrong_at] + 1) % runner_lm.vocab_size
             with runner_lm.session() as session:
-                tokens, accepted = verify(session, prompt, draft)
+                [(tokens, accepted)] = verify(runner_lm, [Check(session, prompt, draft)])
                 expect = k if wrong_at is None else wrong_at
                 assert accepted == expect and tokens == ref[:expect + 1]
                 assert session.length == len(prompt) + accepted  # the rejected guesses are rolled back
+
+
+def test_a_batched_pass_decides_each_sequence_as_its_own_pass_would(runner_lm, reference):
+    """Rows of different lengths, positions, drafts and sampling modes in one pass: each gets what a pass of its
+    own gives, and each session is left at its own rollback point."""
+    rng = random.Random(3)
+    modes = [requested("greedy", 0.0, 0, 1.0, 1), requested("seeded", 0.8, 0, 1.0, 2)]
+    cases = []
+    for i in range(6):
+        prompt = [rng.randrange(1, runner_lm.vocab_size) for _ in range(rng.randrange(2, 30))]
+        ref = reference(prompt, 6)
+        draft = list(ref[:rng.randrange(0, 6)])
+        if draft and i % 2:
+            draft[-1] = (draft[-1] + 1) % runner_lm.vocab_size
+        cases.append((prompt, draft, modes[1] if i % 3 == 2 else modes[0]))
+    solo = []
+    for prompt, draft, sampling in cases:
+        with runner_lm.session() as s:
+            solo.append((verify(runner_lm, [Check(s, prompt, draft, 0, sampling)])[0], s.length))
+    sessions = [runner_lm.session() for _ in cases]
+    try:
+        together = verify(runner_lm, [Check(s, prompt, draft, 0, sampling)
+                                      for s, (prompt, draft, sampling) in zip(sessions, cases)])
+        assert [(got, s.length) for got, s in zip(together, sessions)] == solo
+        guesses = propose(runner_lm, [Guess(s, prompt + got[0], len(got[0]), sampling)
+                                      for s, (prompt, _, sampling), got in zip(sessions, cases, together)])
+        for (prompt, _, sampling), got, guess in zip(cases, together, guesses):
+            with runner_lm.session() as s:
+                assert propose(runner_lm, [Guess(s, prompt + got[0], len(got[0]), sampling)])[0] == guess
+    finally:
+        for s in sessions:
+            s.close()
 
 
 def test_autoregressive_matches_generate(runner_lm, reference):
@@ -83,7 +116,7 @@ def test_synchronous_speculation_matches_generate(tiny_draft, tiny_verify, refer
 def test_slots_are_bounded_and_come_back(tiny_cache):
     lm = load("tiny-verify", "cpu", "float32", tiny_cache, slots=2)
     first, second = lm.session(), lm.session()
-    with pytest.raises(SlotsExhausted, match="AMUSD_KV_SLOTS"):
+    with pytest.raises(SlotsExhausted, match="AMUSD_MAX_BATCH"):
         lm.session()
     first.close()
     del second  # collected: its slot comes back too
