@@ -196,20 +196,24 @@ class AsyncClient:
         try:
             while True:
                 try:
-                    _, msg = await recv(self._sock, self.max_bytes, routed=False)
+                    _, msgs = await recv(self._sock, self.max_bytes, routed=False)
                 except p.ProtocolError:
                     continue  # a garbled frame can't be routed to a request; its request times out instead
                 self._last_heard = time.monotonic()
-                if isinstance(msg, p.Pong) and self.welcome is not None and msg.instance != self.welcome.instance:
-                    self._restarted(msg.instance)
-                req_id = getattr(msg, "req_id", None)
-                if req_id in self._streams:
-                    self._streams[req_id].put_nowait(msg)
-                elif isinstance(msg, (p.Welcome, p.StatusReply)) or (isinstance(msg, p.Error) and req_id is None):
-                    self._control.put_nowait(msg)
+                for msg in msgs:
+                    self._route(msg)
         except Exception as exc:  # whatever it was, nobody would hear from the coordinator again
             self._fail_all(ClientClosedError(f"the client stopped reading its connection: {exc!r}"))
             raise
+
+    def _route(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Pong) and self.welcome is not None and msg.instance != self.welcome.instance:
+            self._restarted(msg.instance)
+        req_id = getattr(msg, "req_id", None)
+        if req_id in self._streams:
+            self._streams[req_id].put_nowait(msg)
+        elif isinstance(msg, (p.Welcome, p.StatusReply)) or (isinstance(msg, p.Error) and req_id is None):
+            self._control.put_nowait(msg)
 
     async def _heartbeat(self) -> None:
         while True:

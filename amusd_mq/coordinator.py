@@ -25,7 +25,7 @@ from .sampling import Sampling, proposal_problem, requested
 from .security import Gate, load_keys, secure
 from .sequence import Sequence
 from .tasks import TaskEnded, first_to_end
-from .transport import Rejects, ensure_free, make_socket, pub_url, recv, send
+from .transport import Rejects, ensure_free, make_socket, pub_url, recv, send, send_all
 
 log = logging.getLogger(__name__)
 MAX_LOOKAHEAD = 64
@@ -41,6 +41,7 @@ class Worker:
     info: p.Register
     last_seen: float
     requests: set[str] = field(default_factory=set)  # at most info.max_batch
+    reach: int | None = None  # a verifier's: how far its latest verdict asked the draft to run ahead
     # The latest: whether its model thread is in a forward pass, and how many passes it has finished.
     beat: p.Heartbeat = field(default_factory=p.Heartbeat)
 
@@ -56,6 +57,7 @@ class Request:
     sampling: Sampling
     detok: Detokenizer
     reach: int  # how far ahead its verifier last asked the draft to run
+    published_reach: int | None = None  # the reach its latest published Commit carried
     verifier: bytes | None = None
     draft: bytes | None = None
     orphaned: float | None = None  # when its verifier was lost, until another takes over
@@ -119,6 +121,7 @@ class Coordinator:
         self.served = self.cancelled = self.clients_lost = 0
         self.vocab: vocab.Vocabulary | None = None  # loaded from the configuration when run starts
         self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.outbox: dict[bytes | None, list[p.Message]] | None = None  # by receiver (None: PUB), within a frame
         self.handlers = {
             p.Hello: self.on_hello, p.Ping: self.on_ping, p.Status: self.on_status, p.Generate: self.on_generate,
             p.Cancel: self.on_cancel, p.Register: self.on_register, p.Heartbeat: self.on_heartbeat,
@@ -166,21 +169,33 @@ class Coordinator:
     async def _serve(self) -> None:
         while True:
             try:
-                identity, msg = await recv(self.router, self.cfg.max_message_bytes, routed=True)
+                identity, msgs = await recv(self.router, self.cfg.max_message_bytes, routed=True)
             except p.ProtocolError as exc:
                 await self._reject(getattr(exc, "identity", None), exc.kind, str(exc))
                 continue
             if identity in self.clients:
                 self.clients[identity] = time.monotonic()
-            handler = self.handlers.get(type(msg))
-            if handler is None:
-                await self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator")
-                continue
+            # What one frame causes leaves in one frame per receiver: a verify pass's verdicts become one commit
+            # frame and one tokens frame per client.
+            self.outbox = {}
             try:
-                await handler(identity, msg)
-            except Exception:  # a bug in one handler must not take the service down
-                log.exception("handling %s failed", msg.TYPE)
-                await self._reject(identity, "internal", f"internal error handling {msg.TYPE}")
+                for msg in msgs:
+                    await self._handle(identity, msg)
+            finally:
+                outbox, self.outbox = self.outbox, None
+                for receiver, out in outbox.items():
+                    await send_all(self.pub if receiver is None else self.router, out, receiver)
+
+    async def _handle(self, identity: bytes, msg: p.Message) -> None:
+        handler = self.handlers.get(type(msg))
+        if handler is None:
+            await self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator")
+            return
+        try:
+            await handler(identity, msg)
+        except Exception:  # a bug in one handler must not take the service down
+            log.exception("handling %s failed", msg.TYPE)
+            await self._reject(identity, "internal", f"internal error handling {msg.TYPE}")
 
     async def _tick(self) -> None:
         while True:
@@ -191,7 +206,7 @@ class Coordinator:
                 if now - w.last_seen > self.cfg.heartbeat_expiry_s:
                     await self._drop_worker(w, "missed heartbeats")
                 else:
-                    await send(self.router, p.Heartbeat(), w.identity)
+                    await self._send(p.Heartbeat(), w.identity)
             for req in list(self.requests.values()):
                 if req.orphaned is not None and now - req.orphaned > self.cfg.failover_s:
                     await self._fail(req.key, "worker_lost", f"its verify worker was lost and no other took over "
@@ -230,10 +245,19 @@ class Coordinator:
     async def _reject(self, identity: bytes | None, kind: str, detail: str, req_id: str | None = None) -> None:
         self.rejects.add(kind, detail)
         if identity is not None:
-            await send(self.router, p.Error(code=kind, message=detail, req_id=req_id), identity)
+            await self._send(p.Error(code=kind, message=detail, req_id=req_id), identity)
+
+    async def _send(self, msg: p.Message, identity: bytes) -> None:
+        if self.outbox is not None:
+            self.outbox.setdefault(identity, []).append(msg)
+        else:
+            await send(self.router, msg, identity)
 
     async def _publish(self, msg: p.Message) -> None:
-        await send(self.pub, msg)
+        if self.outbox is not None:
+            self.outbox.setdefault(None, []).append(msg)
+        else:
+            await send(self.pub, msg)
 
     # clients
 
@@ -246,16 +270,16 @@ class Coordinator:
     async def on_hello(self, identity: bytes, msg: p.Hello) -> None:
         verifiers = self._verifiers()
         ref = verifiers[0].info if verifiers else None
-        await send(self.router, p.Welcome(
+        await self._send(p.Welcome(
             instance=self.instance, verifiers=len(verifiers), drafts=len(self._drafts()),
             vocab_size=ref.vocab_size if ref else 0, max_context=ref.max_context if ref else 0,
             eos_token_ids=ref.eos_token_ids if ref else [], heartbeat_s=self.cfg.heartbeat_s), identity)
 
     async def on_ping(self, identity: bytes, msg: p.Ping) -> None:
-        await send(self.router, p.Pong(instance=self.instance), identity)
+        await self._send(p.Pong(instance=self.instance), identity)
 
     async def on_status(self, identity: bytes, msg: p.Status) -> None:
-        await send(self.router, p.StatusReply(
+        await self._send(p.StatusReply(
             verifiers=len(self._verifiers()), drafts=len(self._drafts()), queued=self.admission.waiting,
             active=sum(1 for r in self.requests.values() if r.verifier), rejected=dict(self.rejects.counts),
             served=self.served, cancelled=self.cancelled, clients_lost=self.clients_lost), identity)
@@ -404,7 +428,7 @@ class Coordinator:
             await self._drop_worker(old, "re-registered")
         self.workers[identity] = Worker(identity, msg, time.monotonic())
         log.info("registered %s worker %s (%s)", msg.role, identity.hex(), msg.model)
-        await send(self.router, p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s), identity)
+        await self._send(p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s), identity)
         await self._schedule()
 
     async def _worker(self, identity: bytes, role: str | None = None) -> Worker | None:
@@ -426,7 +450,7 @@ class Coordinator:
         if await self._worker(identity) is None:
             return
         req = self.requests.get(msg.req_id)
-        await send(self.router, p.Snapshot(
+        await self._send(p.Snapshot(
             req_id=msg.req_id, seq=self.pub_seq, epoch=req.seq.epoch if req else 0,
             committed=req.seq.committed if req else [], done=req is None or req.seq.done), identity)
 
@@ -437,7 +461,7 @@ class Coordinator:
         req = self.requests.get(req_id)
         if req is None or identity not in (req.verifier, req.draft):
             self.rejects.add("stale", f"{role} message for a request it no longer serves")
-            await send(self.router, p.Release(req_id=req_id), identity)  # in case its Release was lost
+            await self._send(p.Release(req_id=req_id), identity)  # in case its Release was lost
             return None
         return req
 
@@ -453,7 +477,7 @@ class Coordinator:
         start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids)
         if fresh and req.verifier is not None:
             at = slice(start - msg.pos, start - msg.pos + len(fresh))
-            await send(self.router, p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh,
+            await self._send(p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh,
                                               q_ids=msg.q_ids[at], q_probs=msg.q_probs[at]), req.verifier)
         if rollback:
             await self._commit(req, len(req.seq.committed), [])
@@ -474,15 +498,19 @@ class Coordinator:
             return
         req.progress, req.stalled_at = time.monotonic(), None
         req.reach = min(msg.lookahead, req.lookahead)
+        self.workers[identity].reach = msg.lookahead
         tokens, _ = applied
         await self._commit(req, msg.start, tokens)
         text = req.detok.push(tokens) + (req.detok.flush() if req.seq.done else "")
-        await send(self.router, p.Tokens(req_id=req.client_req_id, start=msg.start, token_ids=tokens, text=text),
+        await self._send(p.Tokens(req_id=req.client_req_id, start=msg.start, token_ids=tokens, text=text),
                    req.client)
         if req.seq.done:
             await self._finish(req)
 
     async def _commit(self, req: Request, start: int, tokens: list[int]) -> None:
+        if req.reach == req.published_reach == 0 and not req.seq.done:
+            return  # its verifier has switched speculation off: the draft, idle, catches up from a snapshot later
+        req.published_reach = req.reach
         self.pub_seq += 1
         await self._publish(p.Commit(seq=self.pub_seq, req_id=req.rid, epoch=req.seq.epoch, start=start,
                                      token_ids=tokens, done=req.seq.done, lookahead=req.reach))
@@ -503,6 +531,8 @@ class Coordinator:
             req = self.requests[rid]
             req.verifier = verifier.identity
             verifier.requests.add(req.rid)
+            if verifier.reach is not None:  # a draft joining runs as far ahead as the verifier now wants
+                req.reach = min(req.lookahead, verifier.reach)
             req.progress, req.stalled_at = time.monotonic(), None
             await self._assign(req, req.verifier)
             if req.orphaned is None:
@@ -522,9 +552,10 @@ class Coordinator:
 
     async def _assign(self, req: Request, identity: bytes) -> None:
         s = req.seq
-        await send(self.router, p.Assign(
+        await self._send(p.Assign(
             req_id=req.rid, prompt_ids=s.prompt_ids, committed=s.committed, epoch=s.epoch,
-            max_new_tokens=s.max_new_tokens, stop_token_ids=sorted(s.stop_token_ids), lookahead=req.lookahead,
+            max_new_tokens=s.max_new_tokens, stop_token_ids=sorted(s.stop_token_ids),
+            lookahead=req.lookahead if identity == req.verifier else req.reach,
             policy=req.policy, sampling_mode=req.sampling.mode, temperature=req.sampling.temperature,
             top_k=req.sampling.top_k, top_p=req.sampling.top_p, seed=req.sampling.seed),
             identity)
@@ -534,13 +565,13 @@ class Coordinator:
             w = self.workers.get(identity) if identity else None
             if w is not None and req.rid in w.requests:
                 w.requests.discard(req.rid)
-                await send(self.router, p.Release(req_id=req.rid), identity)
+                await self._send(p.Release(req_id=req.rid), identity)
         req.verifier = req.draft = None
 
     async def _finish(self, req: Request) -> None:
         """Called on the verdict that ends the request, so its verifier is the one that computed it."""
         stats = {**req.seq.summary(), "seed": req.sampling.seed, "runner": self.workers[req.verifier].info.runner}
-        await send(self.router, p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
+        await self._send(p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
                                        prompt_ids=req.seq.prompt_ids, stats=stats), req.client)
         self.served += 1
         await self._forget(req)
@@ -550,7 +581,7 @@ class Coordinator:
         if key not in self.by_client:
             return
         req = self._end(key, code)
-        await send(self.router, p.Error(code=code, message=message, req_id=key[1],
+        await self._send(p.Error(code=code, message=message, req_id=key[1],
                                         token_ids=req.seq.committed if req else []), key[0])
         if req is not None:
             await self._forget(req)

@@ -19,8 +19,7 @@ from .config import DRAFT
 from .runtime.lm import Guess, Session, propose
 from .sampling import GREEDY, Sampling, sampling_of
 from .security import secure
-from .tasks import surviving
-from .transport import make_socket, pub_url, send
+from .transport import make_socket, pub_url, send, send_all
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -32,11 +31,10 @@ class DraftRequest:
     prompt: list[int]
     committed: list[int]
     epoch: int
-    lookahead: int  # the request's cap
+    lookahead: int  # how far ahead to run: what its verifier last asked for, within the request's cap
     max_new_tokens: int
     stop: frozenset[int]
     session: Session | None = None
-    reach: int | None = None  # how far ahead the verifier last asked for, within the cap
     assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     sampling: Sampling = GREEDY
     guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
@@ -44,6 +42,7 @@ class DraftRequest:
     revision: int = 0  # bumped whenever guesses are thrown away
     cut: int | None = None  # the first guess thrown away since the last step: where the KV cache rolls back to
     done: bool = False
+    behind: bool = False  # a gap in the commits it has seen: it waits for a snapshot before guessing again
 
     def release(self) -> None:
         self.done = True
@@ -52,13 +51,13 @@ class DraftRequest:
 
     def idle(self, max_context: int) -> bool:
         ahead = self.guess[len(self.committed):]
-        reach = self.lookahead if self.reach is None else min(self.reach, self.lookahead)
-        return (len(ahead) >= reach or len(self.guess) >= self.max_new_tokens
+        return (self.behind or len(ahead) >= self.lookahead or len(self.guess) >= self.max_new_tokens
                 or len(self.prompt) + len(self.guess) >= max_context or any(t in self.stop for t in ahead))
 
     def adopt(self, start: int, tokens: list[int]) -> bool:
         """Merge canonical tokens committed at `start`. False when some were missed (a gap)."""
-        if start > len(self.committed):
+        self.behind = start > len(self.committed)
+        if self.behind:
             return False
         self.committed.extend(tokens[len(self.committed) - start:])
         n = min(len(self.guess), len(self.committed))
@@ -105,16 +104,11 @@ class DraftWorker(Worker):
 
     async def _sub_loop(self) -> None:
         while True:
-            msg = await self._recv(self.sub)
-            handler = self.published.get(type(msg))
-            if handler is None:
-                self.rejects.add("unexpected_type", f"{msg.TYPE} on the PUB stream")
-                continue
-            with surviving(self.rejects, msg.TYPE):
-                await handler(msg)
+            await self.dispatch(await self._recv(self.sub), self.published, "a draft's subscription")
 
     async def on_beat(self, msg: p.Beat) -> None:
-        if msg.seq > self.last_seq:  # the last update before this beat was lost
+        # The last update before this beat was lost, or a snapshot asked for after a gap was.
+        if msg.seq > self.last_seq or any(r.behind for r in self.requests.values()):
             await self._resync()
 
     async def on_commit(self, msg: p.Commit) -> None:
@@ -122,7 +116,7 @@ class DraftWorker(Worker):
         self.last_seq = max(self.last_seq, msg.seq)
         r = self.requests.get(msg.req_id)
         if r is not None:
-            r.reach = msg.lookahead
+            r.lookahead = msg.lookahead
             await self._apply(r, msg.epoch, msg.start, msg.token_ids, msg.done)
         if gap:
             await self._resync()
@@ -176,6 +170,7 @@ class DraftWorker(Worker):
         return out
 
     async def finish(self, batch: list[tuple[DraftRequest, int, Guess, int]], outcome) -> None:
+        proposals = []
         for (r, revision, guess, _), (token, ids, probs) in zip(batch, outcome):
             pos = guess.position
             if r.done or r.revision != revision or len(r.guess) != pos:
@@ -183,7 +178,8 @@ class DraftWorker(Worker):
             r.guess.append(token)
             if ids is not None:
                 r.dists[pos] = (ids, probs)
-            await send(self.dealer, self._proposal(r, pos, pos + 1))
+            proposals.append(self._proposal(r, pos, pos + 1))
+        await send_all(self.dealer, proposals)
 
     @staticmethod
     def _proposal(r: DraftRequest, start: int, end: int) -> p.Propose:

@@ -2,7 +2,8 @@
 
 A frame is one msgpack map: {"v": PROTOCOL_VERSION, "t": <type>, <field>: <value>, ...}. Field types come
 from the dataclass annotations and are checked exactly (no coercion, no unknown or missing fields); every
-integer must lie in [0, 2**63). docs/protocol.md describes who sends each message on which socket.
+integer must lie in [0, 2**63). A `batch` frame carries several messages for one receiver, each a map with its
+own "t" and checked by the same rules. docs/protocol.md describes who sends each message on which socket.
 """
 from __future__ import annotations
 
@@ -267,8 +268,21 @@ class Beat(Message):
     seq: int
 
 
+@message
+class Batch(Message):
+    """Several messages for one receiver in one frame, in order: what one forward pass produced for many
+    requests. A batch holds no batch."""
+    TYPE = "batch"
+    messages: list[Message]
+
+
 def encode(msg: Message) -> bytes:
-    return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, **asdict(msg)})
+    body = ({"messages": [_body(m) for m in msg.messages]} if isinstance(msg, Batch) else asdict(msg))
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, **body})
+
+
+def _body(msg: Message) -> dict:
+    return {"t": msg.TYPE, **asdict(msg)}
 
 
 def decode(frame: bytes, max_bytes: int) -> Message:
@@ -295,8 +309,17 @@ def _decode(frame: bytes) -> Message:
     version = body.pop("v", None)
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError("version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    if body.get("t") == Batch.TYPE:
+        inner = body.pop("messages", None)
+        if set(body) != {"t"} or type(inner) is not list or not all(type(m) is dict for m in inner):
+            raise ProtocolError("field", "batch: expected exactly a list of message maps in 'messages'")
+        return Batch([_message(m) for m in inner])
+    return _message(body)
+
+
+def _message(body: dict) -> Message:
     kind = body.pop("t", None)
-    cls = MESSAGES.get(kind) if type(kind) is str else None
+    cls = MESSAGES.get(kind) if type(kind) is str and kind != Batch.TYPE else None
     if cls is None:
         raise ProtocolError("unknown_type", "unknown message type")
     hints = _HINTS[cls]

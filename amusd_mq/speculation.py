@@ -9,11 +9,21 @@ same whatever its width (a GPU at small batch), narrow where each token costs (a
 batch), and 0, plain batched decoding, where guesses don't pay for the tokens they take. The cost comes from a
 line fitted to the verifier's own passes, and each request's acceptance from its own verdicts, starting from
 what the worker's other requests have seen.
+
+What a pass costs is not all that speculation costs: the draft's messages pass through the coordinator, and
+where draft and verifier share cores (one CPU, or one card without MPS) the draft's passes slow the
+verifier's. So above the depth sits a switch, decided by what each choice has delivered: tokens committed
+per second of the verifier's wall clock, measured over windows of passes with the draft on and with it off,
+the better one kept and the other tried again now and then.
 """
 from __future__ import annotations
 
 from collections import deque
 
+WINDOW, WINDOW_S = 16, 0.5  # the switch measures at least this many passes and this many seconds at a time
+SETTLE = 4  # passes at the start of a window it doesn't count: after a switch the draft is still catching up
+RETRY, MAX_RETRY = 16, 256  # windows after which the choice not in use is measured (again); doubled each time it
+# loses again, so a clear winner is rarely interrupted
 PRIOR_WEIGHT = 4.0  # a new request's acceptance counts as this many guesses at the worker's rate
 DECAY = 0.97  # per guess: acceptance follows the text being written, not its whole history
 
@@ -80,3 +90,46 @@ class Acceptance:
         decay = DECAY ** trials
         self.hits = self.hits * decay + hits
         self.trials = self.trials * decay + trials
+
+
+class Switch:
+    """Whether to speculate at all: the choice that has committed more tokens per second (an average over its
+    windows that halves the weight of the older ones at each). It starts speculating, and first measures the
+    other choice after RETRY windows."""
+
+    def __init__(self):
+        self.speculating = True
+        self.rates: dict[bool, tuple[float, int]] = {}  # choice -> (tokens per second, window it was last measured)
+        self.retry = RETRY
+        self.trying = False  # whether the window just measured was a retry of the choice not in use
+        self.windows = 0
+        self.passes = self.tokens = 0
+        self.seconds = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A pass's committed tokens and its wall time, from taking its requests to having sent its verdicts."""
+        self.passes += 1
+        if self.passes > SETTLE:
+            self.tokens += tokens
+            self.seconds += seconds
+        if self.passes < WINDOW or self.seconds < WINDOW_S:
+            return
+        self.windows += 1
+        rate = self.tokens / self.seconds
+        if self.speculating in self.rates:
+            rate = (rate + self.rates[self.speculating][0]) / 2
+        self.rates[self.speculating] = (rate, self.windows)
+        self.speculating = self._next()
+        self.passes = self.tokens = 0
+        self.seconds = 0.0
+
+    def _next(self) -> bool:
+        if False not in self.rates:
+            self.trying = self.windows >= RETRY
+            return not self.trying
+        (on, on_at), (off, off_at) = self.rates[True], self.rates[False]
+        best = on >= off
+        if self.trying:
+            self.retry = RETRY if self.speculating == best else min(2 * self.retry, MAX_RETRY)
+        self.trying = self.windows - min(on_at, off_at) >= self.retry  # load changes: measure the other again
+        return on_at < off_at if self.trying else best

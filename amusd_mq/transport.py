@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 
-from .protocol import Message, ProtocolError, decode, encode
+from .protocol import Batch, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -117,28 +117,37 @@ faults: Faults | None = None  # set once at service start-up, from the AMUSD_FAU
 
 async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> None:
     frames = [identity, encode(msg)] if identity is not None else [encode(msg)]
-    if faults is not None and msg.TYPE in Faults.TYPES:
+    inner = msg.messages if isinstance(msg, Batch) else [msg]
+    if faults is not None and all(m.TYPE in Faults.TYPES for m in inner):
         await faults.send(sock, frames)
     else:
         await sock.send_multipart(frames)
 
 
-async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[bytes | None, Message]:
-    """One validated message, with the sender's identity on a ROUTER. Raises ProtocolError (carrying the
-    identity when known, so the caller can reply)."""
+async def send_all(sock: zmq.asyncio.Socket, msgs: list[Message], identity: bytes | None = None) -> None:
+    """Messages for one receiver in one frame: per message, the socket and the event loops on both ends cost
+    more than its encoding."""
+    if msgs:
+        await send(sock, msgs[0] if len(msgs) == 1 else Batch(msgs), identity)
+
+
+async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[bytes | None, list[Message]]:
+    """The validated messages of one frame (several for a batch), with the sender's identity on a ROUTER.
+    Raises ProtocolError (carrying the identity when known, so the caller can reply)."""
     frames = await sock.recv_multipart(copy=True)
     identity = frames.pop(0) if routed and len(frames) > 1 else None
     try:
         if len(frames) != 1:
             raise ProtocolError("malformed", f"expected one payload frame, got {len(frames)}")
-        return identity, decode(frames[0], max_bytes)
+        msg = decode(frames[0], max_bytes)
     except ProtocolError as exc:
         exc.identity = identity
         raise
+    return identity, msg.messages if isinstance(msg, Batch) else [msg]
 
 
-async def recv_valid(sock: zmq.asyncio.Socket, max_bytes: int, rejects: Rejects) -> Message:
-    """The next valid message on a socket with no peer to answer (DEALER, SUB); the rest are counted."""
+async def recv_valid(sock: zmq.asyncio.Socket, max_bytes: int, rejects: Rejects) -> list[Message]:
+    """The next valid messages on a socket with no peer to answer (DEALER, SUB); the rest are counted."""
     while True:
         try:
             return (await recv(sock, max_bytes, routed=False))[1]

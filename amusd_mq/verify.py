@@ -19,8 +19,8 @@ from .config import VERIFY
 from .runtime.lm import Check, Session, verify
 from .sampling import GREEDY, Sampling, proposal_problem, sampling_of
 from .sequence import Sequence
-from .speculation import Acceptance, CostModel, best_depth
-from .transport import send
+from .speculation import Acceptance, CostModel, Switch, best_depth
+from .transport import send, send_all
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,9 @@ class VerifyWorker(Worker):
         self.handlers[p.Propose] = self.on_propose
         self.acceptance = Acceptance(0.5)  # all requests': where a new request's estimate starts
         self.cost: CostModel | None = None
+        self.switch = Switch()
         self.depth = 0  # guesses per request the latest pass checked
+        self.built_at = 0.0  # when the latest pass took its requests
 
     async def prepare(self) -> None:
         log.info("timing verify passes of %s (rows, tokens per row) to plan batches", list(CALIBRATION))
@@ -154,12 +156,13 @@ class VerifyWorker(Worker):
 
     def build(self) -> list[tuple[VerifyRequest, Check]]:
         """Each request's check, copied here on the event loop: proposals keep arriving during the pass."""
-        now = time.monotonic()
+        now = self.built_at = time.monotonic()
         live = [r for r in self.requests.values() if not r.seq.done and r.ready(now, self.cfg.heartbeat_expiry_s)]
         batch = self.take_turns(live)
         eager = [r for r in batch if r.policy == "eager"]
         if eager and not self.prefilled:
-            self.depth = best_depth([r.acceptance.rate for r in eager], self.cost, max(r.lookahead for r in eager))
+            self.depth = (best_depth([r.acceptance.rate for r in eager], self.cost, max(r.lookahead for r in eager))
+                          if self.switch.speculating else 0)
         checks = []
         for r in batch:
             draft = r.take(self.depth if r.policy == "eager" else None)
@@ -186,6 +189,7 @@ class VerifyWorker(Worker):
         if not self.prefilled:
             self.cost.observe(len(batch) * (max(len(check.draft) for _, check in batch) + 1), step_ms)
         now = time.monotonic()
+        committed, verdicts = 0, []
         for (r, check), (tokens, accepted) in zip(batch, results):
             draft = check.draft
             if r.done:
@@ -197,12 +201,26 @@ class VerifyWorker(Worker):
             r.acceptance.observe(hits, trials)
             self.acceptance.observe(hits, trials)
             r.settle(start, tokens)
-            reach = r.lookahead if r.policy != "eager" else min(r.lookahead, max(self.depth, 1))
+            committed += len(tokens)
+            reach = r.lookahead if r.policy != "eager" else min(r.lookahead, self.reach)
             r.last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft), accepted=accepted,
                                epoch=r.epoch, lookahead=reach, rows=len(batch), step_ms=step_ms)
             if r.seq.done:
                 r.finished_at = now
-            await send(self.dealer, r.last)
+            verdicts.append(r.last)
+        await send_all(self.dealer, verdicts)
+        if not self.prefilled:
+            was = self.switch.speculating
+            self.switch.observe(committed, time.monotonic() - self.built_at)
+            if self.switch.speculating != was:
+                log.info("speculation %s (tokens/s measured: %s)", "on" if self.switch.speculating else "off",
+                         ", ".join(f"{'on' if k else 'off'} {v[0]:.0f}" for k, v in self.switch.rates.items()))
+
+    @property
+    def reach(self) -> int:
+        """How far the drafts run ahead: the depth, and one guess even at depth 0 so that acceptance is still
+        measured, unless speculation is switched off."""
+        return max(self.depth, 1) if self.switch.speculating else 0
 
     async def _repeat_final_verdicts(self) -> None:
         """Nothing follows a request's last verdict, so its loss would go unnoticed: it is sent again every

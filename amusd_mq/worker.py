@@ -7,8 +7,9 @@ presumed dead, the worker drops its requests and registers again, after a quarte
 backoff capped at two heartbeats; a successful registration resets the backoff.
 
 The step loop is a scheduler's (SGLang's shape): take the requests that have work, build one batch, run it
-in one forward pass on the model thread, process the results, again. A request's first pass (its prefill)
-runs alone, taking turns with the others' steps, so a long prompt holds the others up for one pass at most.
+in one forward pass on the model thread, process the results, again. New requests' first passes (their
+prefills) run together in a pass of their own, taking turns with the others' steps, so new prompts hold the
+others up for one pass at a time.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .transport import Rejects, make_socket, recv_valid, send
 
 log = logging.getLogger(__name__)
 BACKOFF_CAP_BEATS = 2  # the longest wait between registrations, in heartbeats
+PREFILL_BUDGET = 2048  # tokens, padding included, of a pass that prefills several new requests at once
 
 
 class Worker:
@@ -99,40 +101,50 @@ class Worker:
         try:
             await send(self.dealer, register)
             self.last_heard = time.monotonic()
-            await self._wait_registered()
+            after = await self._wait_registered()
             log.info("%s worker registered with %s (%s, %s runner)", self.role, self.cfg.coordinator_url, self.lm.name,
                      self.lm.runner)
             await self.on_registered()
+            await self.dispatch(after, self.handlers, f"a {self.role} worker")
             # Only the heartbeat returns; the receive loops end by raising, which ends the process.
             await first_to_end(None, [self._recv_loop(), self._heartbeat(), self._step_loop(), *self.extra_tasks()])
         finally:
             self.dealer.close()
             self.on_disconnected()
 
-    async def _wait_registered(self) -> None:
+    async def _wait_registered(self) -> list[p.Message]:
+        """Until the coordinator accepts this worker; returns what came after `registered` in its frame (an
+        `assign`, when requests were waiting)."""
         while True:
             try:
-                msg = await asyncio.wait_for(self._recv(self.dealer), self.cfg.heartbeat_expiry_s)
+                msgs = await asyncio.wait_for(self._recv(self.dealer), self.cfg.heartbeat_expiry_s)
             except asyncio.TimeoutError:
                 raise ConnectionError("no answer to registration") from None
-            if isinstance(msg, p.Registered):
-                self.registered_seq = msg.seq
-                return
-            if isinstance(msg, p.Error):
-                raise ConfigurationError(f"coordinator refused this {self.role} worker ({msg.code}): {msg.message}")
+            for i, msg in enumerate(msgs):
+                if isinstance(msg, p.Registered):
+                    self.registered_seq = msg.seq
+                    return msgs[i + 1:]
+                if isinstance(msg, p.Error):
+                    raise ConfigurationError(f"coordinator refused this {self.role} worker ({msg.code}): "
+                                             f"{msg.message}")
 
     async def _recv_loop(self) -> None:
         while True:
-            msg = await self._recv(self.dealer)
+            msgs = await self._recv(self.dealer)
             self.last_heard = time.monotonic()
-            handler = self.handlers.get(type(msg))
+            await self.dispatch(msgs, self.handlers, f"a {self.role} worker")
+
+    async def dispatch(self, msgs: list[p.Message], handlers: dict, receiver: str) -> None:
+        """Each message to its handler; one that fails is counted and logged, and the next goes on."""
+        for msg in msgs:
+            handler = handlers.get(type(msg))
             if handler is None:
-                self.rejects.add("unexpected_type", f"{msg.TYPE} is not accepted by a {self.role} worker")
+                self.rejects.add("unexpected_type", f"{msg.TYPE} is not accepted by {receiver}")
                 continue
             with surviving(self.rejects, msg.TYPE):
                 await handler(msg)
 
-    async def _recv(self, sock: zmq.asyncio.Socket) -> p.Message:
+    async def _recv(self, sock: zmq.asyncio.Socket) -> list[p.Message]:
         return await recv_valid(sock, self.cfg.max_message_bytes, self.rejects)
 
     async def _heartbeat(self) -> None:
@@ -206,11 +218,20 @@ class Worker:
             await self.finish(batch, outcome)
 
     def take_turns(self, live: list) -> list:
-        """The requests of the next pass: one request's first pass alone, or every other's next step."""
+        """The requests of the next pass: new ones' first passes (their prefills, together while the padded
+        batch stays within PREFILL_BUDGET tokens), or every other's next step."""
         fresh = [r for r in live if r.session.length == 0]
         warm = [r for r in live if r.session.length > 0]
         self.prefilled = bool(fresh) and (not warm or not self.prefilled)
-        return fresh[:1] if self.prefilled else warm
+        if not self.prefilled:
+            return warm
+        fresh.sort(key=lambda r: len(r.prompt))  # similar lengths pad least
+        batch = fresh[:1]
+        for r in fresh[1:]:
+            if (len(batch) + 1) * len(r.prompt) > PREFILL_BUDGET:
+                break
+            batch.append(r)
+        return batch
 
     # role hooks
 

@@ -113,7 +113,7 @@ class Hostile:
 
         async def ask(frame: bytes) -> p.Message:
             await sock.send(frame)
-            return (await asyncio.wait_for(recv(sock, 1 << 20, routed=False), 5.0))[1]
+            return (await asyncio.wait_for(recv(sock, 1 << 20, routed=False), 5.0))[1][0]
 
         try:
             replies = [await ask(frame) for frame in POISON]

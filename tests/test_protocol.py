@@ -24,6 +24,7 @@ SAMPLES = [
     p.Release(req_id="r"),
     p.SnapshotRequest(req_id="r"), p.Snapshot(req_id="r", seq=1, epoch=0, committed=[], done=False),
     p.Commit(seq=1, req_id="r", epoch=0, start=0, token_ids=[1], done=True, lookahead=0), p.Beat(seq=9),
+    p.Batch([p.Tokens(req_id="r", start=3, token_ids=[4, 5], text="ab"), p.Cancel(req_id="q"), p.Ping()]),
 ]
 
 
@@ -62,6 +63,11 @@ def raw(**body):
     (raw(t="propose", req_id="r", epoch=0, pos=0, token_ids=[2**63]), "field"),
     (raw(t="registered", seq=0, heartbeat_s=float("nan")), "field"),
     (raw(t="done", req_id="r", finish_reason="stop", prompt_ids=[], stats={"a": [1]}), "field"),
+    (raw(t="batch", messages=[{"t": "batch", "messages": []}]), "unknown_type"),  # a batch holds no batch
+    (raw(t="batch", messages=[{"t": "cancel", "req_id": 5}]), "field"),  # each message checked as if alone
+    (raw(t="batch", messages=[{"t": "ping"}], extra=1), "field"),
+    (raw(t="batch", messages=[[1]]), "field"),
+    (raw(t="batch"), "field"),
 ])
 def test_rejects_bad_frames(frame, kind):
     with pytest.raises(p.ProtocolError) as err:

@@ -2,7 +2,7 @@
 import pytest
 
 from amusd_mq.sequence import Sequence
-from amusd_mq.speculation import Acceptance, CostModel, best_depth, expected_tokens
+from amusd_mq.speculation import RETRY, WINDOW, WINDOW_S, Acceptance, CostModel, Switch, best_depth, expected_tokens
 from amusd_mq.verify import VerifyRequest
 
 GPU_LIKE = CostModel([(1, 6.9), (8, 7.7), (128, 13.6)])  # 8B verify passes on one H200: near flat
@@ -60,3 +60,24 @@ def test_a_verdict_scores_checked_guesses_and_the_one_standing_where_the_verifie
     assert r.score(0, [5, 6], 2, [5, 6, 7]) == (3, 3)  # both accepted, and the unchecked 7 was right too
     assert r.score(0, [], 0, [4]) == (0, 1)  # nothing checked: the standing guess 5 was wrong
     assert r.score(0, [5, 6, 7], 3, [5, 6, 7, 8]) == (3, 3)  # no guess stands past the draft
+
+
+def run_windows(switch: Switch, windows: int, rate: dict[bool, float]) -> list[bool]:
+    """Feed whole windows of passes at each choice's rate; returns the choice in force during each window."""
+    used = []
+    for _ in range(windows):
+        used.append(switch.speculating)
+        for _ in range(WINDOW):
+            switch.observe(int(rate[switch.speculating] * WINDOW_S), WINDOW_S)
+    return used
+
+
+def test_the_switch_keeps_what_delivers_more_and_retries_the_other_less_and_less():
+    switch = Switch()
+    used = run_windows(switch, RETRY + 2 + 8 * RETRY, {True: 80, False: 100})  # speculation costs more than it earns
+    assert used[:RETRY] == [True] * RETRY and used[RETRY] is False  # it starts speculating, then measures off
+    retries = [i for i, on in enumerate(used) if on][RETRY:]
+    assert len(retries) == 3 and retries[1] - retries[0] < retries[2] - retries[1]  # off wins; retried ever later
+    switch = Switch()
+    used = run_windows(switch, RETRY + 2 + 8 * RETRY, {True: 150, False: 100})
+    assert used.count(False) == 3 and used[RETRY] is False and used[RETRY + 1]  # off measured, on kept

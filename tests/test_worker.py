@@ -161,3 +161,14 @@ async def test_draft_rolls_back_on_a_contradicting_commit(harness):
         except asyncio.TimeoutError:
             pass
     assert prop.epoch == 1 and prop.pos == 1  # rebuilt on the committed token, under the new epoch
+
+
+async def test_an_assign_in_the_same_frame_as_registered_is_served(harness, reference):
+    """The coordinator sends what one frame caused as one frame: a worker registering while a request waits gets
+    `registered` and the `assign` together, and must not drop the second."""
+    coordinator, start = harness
+    start(VerifyWorker, "tiny-verify")
+    identity, _ = await coordinator.expect(p.Register, timeout=30)
+    await coordinator.send(identity, p.encode(p.Batch([p.Registered(seq=0, heartbeat_s=0.5), assign()])))
+    _, verdict = await coordinator.expect(p.Verdict)
+    assert verdict.req_id == "r1" and verdict.token_ids == reference([5, 6, 7], 8)[:1]

@@ -94,7 +94,7 @@ def run_load(cfg: c.Config, prompts: list[list[int]], max_new: int, concurrencie
     out.mkdir(parents=True, exist_ok=True)
     levels: list[Level] = []
     with tempfile.TemporaryDirectory(prefix="amusd-load-") as tmp:
-        deployments = {s: Deployment({**service_env(cfg, f"ipc://{tmp}/{s}"), "AMUSD_LOG_LEVEL": "WARNING"},
+        deployments = {s: Deployment({**service_env(cfg, f"ipc://{tmp}/{s}"), "AMUSD_LOG_LEVEL": "INFO"},
                                      out / "logs" / s, roles) for s, roles in STRATEGIES.items()}
         try:
             for d in deployments.values():
@@ -122,7 +122,10 @@ def run_load(cfg: c.Config, prompts: list[list[int]], max_new: int, concurrencie
     summary = {"machine": machine(cfg), "runner": cfg.runner, "draft_model": cfg.draft_model,
                "verify_model": cfg.verify_model, "dtype": cfg.dtype, "max_batch": cfg.max_batch,
                "lookahead": cfg.lookahead, "max_new_tokens": max_new, "prompts": len(prompts), "table": rows,
-               "levels": [asdict(lv) | {"ttft_s": None, "itl_s": None, "outputs": None} for lv in levels]}
+               "levels": [asdict(lv) | {"ttft_s": None, "itl_s": None, "outputs": None} for lv in levels],
+               # What the speculating verifier measured and decided: its cost line and each switch on or off.
+               "verifier": [line for line in (out / "logs" / "async" / "verify.log").read_text().splitlines()
+                            if "verify pass costs" in line or "speculation o" in line]}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "table.md").write_text(format_load_table(summary))
     plot_load(rows, out)
@@ -137,6 +140,10 @@ def format_load_table(summary: dict) -> str:
                      f"{r['vs_ar']:.2f}x | {r['ttft_p50_ms']:.1f} / {r['ttft_p99_ms']:.1f} | "
                      f"{r['itl_p50_ms']:.2f} / {r['itl_p99_ms']:.2f} | {r['verify_batch']:.1f} | "
                      f"{r['acceptance']:.2f} | {r['identical']} |")
+    cost, *switches = [line.split(" INFO ")[-1] for line in summary["verifier"]] or [""]
+    if cost:
+        lines += ["", f"The speculating verifier: {cost}; {len(switches)} switches"
+                      + (f", the last ones: {'; '.join(switches[-4:])}" if switches else "")]
     return "\n".join(lines) + "\n"
 
 

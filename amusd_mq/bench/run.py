@@ -270,7 +270,7 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
         for _ in range(n):
             start = time.perf_counter()
             await send(sock, p.Ping())
-            await recv(sock, max_bytes, routed=False)
+            await recv(sock, max_bytes, routed=False)  # a pong
             rtts.append(time.perf_counter() - start)
     finally:
         sock.close()
