@@ -1,4 +1,5 @@
 import asyncio
+import json
 import shutil
 import subprocess
 import tempfile
@@ -126,3 +127,19 @@ def deploy(tiny_cache):
     for d in made:
         d.stop()
     shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def traced_deployment(tiny_cache, draft, verify, tmp_path, prompts: int, profile: dict):
+    """A trace of the tiny pair on the first prompts, replayed with a latency profile: the trace, its prompts and
+    the configuration that serves it."""
+    from amusd_mq import config
+    from amusd_mq.bench.trace import record
+
+    tokenized = [(f"p{i}", verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:prompts])]
+    trace = record(draft, verify, tokenized, 16, "float32")
+    trace.save(tmp_path / "trace.json")
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    spec = f"trace:{tmp_path / 'trace.json'}"
+    cfg = config.load(env={"AMUSD_DRAFT_MODEL": spec, "AMUSD_VERIFY_MODEL": spec, "AMUSD_CACHE_DIR": tiny_cache,
+                           "AMUSD_TRACE_COMPUTE": f"latency:{tmp_path / 'profile.json'}", "AMUSD_THREADS": "1"})
+    return trace, tokenized, cfg

@@ -2,23 +2,16 @@
 import json
 
 import pytest
-from conftest import PROMPTS
+from conftest import PROMPTS, traced_deployment
 
 from amusd_mq import config
 from amusd_mq.bench.run import Bench, format_table
-from amusd_mq.bench.trace import record
 from amusd_mq.sampling import Sampling
 
 
 def test_bench_writes_table_json_and_plots(tiny_cache, tiny_draft, tiny_verify, tmp_path):
-    draft, verify = tiny_draft, tiny_verify
-    prompts = [(f"p{i}", verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:2])]
-    trace = record(draft, verify, prompts, 16, "float32")
-    trace.save(tmp_path / "trace.json")
-    (tmp_path / "profile.json").write_text(json.dumps({"draft_ms": 0.5, "verify_ms": {"1": 3, "8": 4}}))
-    spec = f"trace:{tmp_path / 'trace.json'}"
-    cfg = config.load(env={"AMUSD_DRAFT_MODEL": spec, "AMUSD_VERIFY_MODEL": spec, "AMUSD_CACHE_DIR": tiny_cache,
-                           "AMUSD_TRACE_COMPUTE": f"latency:{tmp_path / 'profile.json'}", "AMUSD_THREADS": "1"})
+    trace, _, cfg = traced_deployment(tiny_cache, tiny_draft, tiny_verify, tmp_path, 2,
+                                      {"draft_ms": 0.5, "verify_ms": {"1": 3, "8": 4}})
     summary = Bench(cfg, "trace", None, trace, 16, [2, 3], 4, ["ar", "sd", "async", "amusd-policy"],
                     tmp_path / "out").run()
     assert [r["strategy"] for r in summary["table"]] == ["ar", "sd-2", "sd-3", "async", "amusd-policy"]

@@ -2,11 +2,10 @@
 asserted: not a timed test). It runs the tiny models and, through a recorded trace, the latency model."""
 import json
 
-from conftest import PROMPTS
+from conftest import PROMPTS, traced_deployment
 
 from amusd_mq import config
 from amusd_mq.bench.load import format_load_table, run_load
-from amusd_mq.bench.trace import record
 
 
 def test_load_levels_for_both_strategies_with_identical_outputs(tiny_cache, tiny_verify, tmp_path):
@@ -28,12 +27,7 @@ def test_load_levels_for_both_strategies_with_identical_outputs(tiny_cache, tiny
 
 
 def test_load_through_a_trace_replay(tiny_cache, tiny_draft, tiny_verify, tmp_path):
-    prompts = [(f"p{i}", tiny_verify.tokenizer(t)["input_ids"]) for i, t in enumerate(PROMPTS[:3])]
-    trace = record(tiny_draft, tiny_verify, prompts, 16, "float32")
-    trace.save(tmp_path / "trace.json")
-    (tmp_path / "profile.json").write_text(json.dumps({"draft_ms": 0.5, "verify_ms": {"1": 3, "32": 5}}))
-    spec = f"trace:{tmp_path / 'trace.json'}"
-    cfg = config.load(env={"AMUSD_DRAFT_MODEL": spec, "AMUSD_VERIFY_MODEL": spec, "AMUSD_CACHE_DIR": tiny_cache,
-                           "AMUSD_TRACE_COMPUTE": f"latency:{tmp_path / 'profile.json'}", "AMUSD_THREADS": "1"})
+    _, prompts, cfg = traced_deployment(tiny_cache, tiny_draft, tiny_verify, tmp_path, 3,
+                                        {"draft_ms": 0.5, "verify_ms": {"1": 3, "32": 5}})
     summary = run_load(cfg, [ids for _, ids in prompts], 16, [2], 4, tmp_path / "out")
     assert [r["identical"] for r in summary["table"]] == ["3/3", "3/3"]
