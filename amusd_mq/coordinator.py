@@ -385,11 +385,17 @@ class Coordinator:
             await self._cancel((identity, msg.req_id), "cancelled")
 
     async def _client_lost(self, client: bytes) -> None:
-        """A client silent for the liveness window: its requests are cancelled so their workers serve others."""
+        """A client silent for the liveness window: its requests are cancelled so their workers serve others. Each
+        is also failed to the client, with what it committed: a client that was only stalled (its event loop
+        blocked) learns of it, where it would otherwise wait for the requests forever."""
         keys = [key for key in self.by_client if key[0] == client]
         log.warning("client %s went silent with %d requests in flight: cancelling them", client.hex(), len(keys))
         self.clients_lost += 1
         for key in keys:
+            req = self.requests.get(self.by_client[key])
+            await self._send(p.Error(code="client_lost", message=f"cancelled: this client sent nothing for "
+                                     f"{self.cfg.heartbeat_expiry_s:g}s while the request ran", req_id=key[1],
+                                     token_ids=req.seq.committed if req else []), client)
             await self._cancel(key, "client_lost")
         self.clients.pop(client, None)
 

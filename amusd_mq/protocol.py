@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import ClassVar, Union
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Callable, ClassVar, Union
 
 import msgpack
 
@@ -33,14 +33,51 @@ class Message:
 
 
 MESSAGES: dict[str, type[Message]] = {}
-_HINTS: dict[type[Message], dict[str, object]] = {}
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    type: object
+    required: bool
+    check: Callable[[object], bool]  # built once from the annotation: decoding calls it for every message
+
+
+_FIELDS: dict[type[Message], tuple[_Field, ...]] = {}
 
 
 def message(cls):
     cls = dataclass(cls)
     MESSAGES[cls.TYPE] = cls
-    _HINTS[cls] = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls)
+    _FIELDS[cls] = tuple(_Field(f.name, hints[f.name], f.default is MISSING and f.default_factory is MISSING,
+                                _checker(hints[f.name])) for f in fields(cls))
     return cls
+
+
+def _checker(tp) -> Callable[[object], bool]:
+    """Whether a decoded value has exactly type tp: no coercion, ints in [0, 2**63), finite floats."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [_checker(arg) for arg in typing.get_args(tp)]
+        return lambda value: any(check(value) for check in options)
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if arg is int:  # token lists can hold millions: check them in C, not one call per element
+            return lambda value: type(value) is list and (not value or set(map(type, value)) == {int} and min(
+                value) >= 0 and max(value) < INT_LIMIT)
+        item = _checker(arg)
+        return lambda value: type(value) is list and all(item(v) for v in value)
+    if origin is dict:
+        key, val = (_checker(arg) for arg in typing.get_args(tp))
+        return lambda value: type(value) is dict and all(key(k) and val(v) for k, v in value.items())
+    if tp is int:
+        return lambda value: type(value) is int and 0 <= value < INT_LIMIT
+    if tp is float:
+        return lambda value: type(value) is float and math.isfinite(value)
+    if tp is type(None):
+        return lambda value: value is None
+    return lambda value: type(value) is tp
 
 
 # Client <-> coordinator (DEALER -> ROUTER)
@@ -277,12 +314,18 @@ class Batch(Message):
 
 
 def encode(msg: Message) -> bytes:
-    body = ({"messages": [_body(m) for m in msg.messages]} if isinstance(msg, Batch) else asdict(msg))
+    body = {"messages": [_body(m) for m in msg.messages]} if isinstance(msg, Batch) else _values(msg)
     return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, **body})
 
 
 def _body(msg: Message) -> dict:
-    return {"t": msg.TYPE, **asdict(msg)}
+    return {"t": msg.TYPE, **_values(msg)}
+
+
+def _values(msg: Message) -> dict:
+    """Its fields, shallow: every value is already what msgpack writes (asdict's deep copy cost more than the
+    packing)."""
+    return {f.name: getattr(msg, f.name) for f in _FIELDS[type(msg)]}
 
 
 def decode(frame: bytes, max_bytes: int) -> Message:
@@ -322,40 +365,16 @@ def _message(body: dict) -> Message:
     cls = MESSAGES.get(kind) if type(kind) is str and kind != Batch.TYPE else None
     if cls is None:
         raise ProtocolError("unknown_type", "unknown message type")
-    hints = _HINTS[cls]
-    unknown = set(body) - set(hints)
-    if unknown:
-        raise ProtocolError("field", f"{cls.TYPE}: unknown fields {sorted(unknown)}")
-    for f in fields(cls):
+    known = _FIELDS[cls]
+    if len(body) > len(known) or not set(body) <= {f.name for f in known}:
+        raise ProtocolError("field", f"{cls.TYPE}: unknown fields {sorted(set(body) - {f.name for f in known})}")
+    for f in known:
         if f.name not in body:
-            if f.default is MISSING and f.default_factory is MISSING:
+            if f.required:
                 raise ProtocolError("field", f"{cls.TYPE}: missing field {f.name!r}")
-            continue
-        if not _conforms(body[f.name], hints[f.name]):
-            raise ProtocolError("field", f"{cls.TYPE}.{f.name}: expected {_name(hints[f.name])}")
+        elif not f.check(body[f.name]):
+            raise ProtocolError("field", f"{cls.TYPE}.{f.name}: expected {_name(f.type)}")
     return cls(**body)
-
-
-def _conforms(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(_conforms(value, arg) for arg in typing.get_args(tp))
-    if origin is list:
-        (arg,) = typing.get_args(tp)
-        if arg is int:  # token lists can hold millions: check them in C, not one call per element
-            return type(value) is list and (not value or set(map(type, value)) == {int} and min(value) >= 0
-                                             and max(value) < INT_LIMIT)
-        return type(value) is list and all(_conforms(v, arg) for v in value)
-    if origin is dict:
-        key, val = typing.get_args(tp)
-        return type(value) is dict and all(_conforms(k, key) and _conforms(v, val) for k, v in value.items())
-    if tp is int:
-        return type(value) is int and 0 <= value < INT_LIMIT
-    if tp is float:
-        return type(value) is float and math.isfinite(value)
-    if tp is type(None):
-        return value is None
-    return type(value) is tp
 
 
 def _name(tp) -> str:

@@ -210,11 +210,16 @@ class VerifyWorker(Worker):
             verdicts.append(r.last)
         await send_all(self.dealer, verdicts)
         if not self.prefilled:
-            was = self.switch.speculating
-            self.switch.observe(committed, time.monotonic() - self.built_at)
-            if self.switch.speculating != was:
-                log.info("speculation %s (tokens/s measured: %s)", "on" if self.switch.speculating else "off",
-                         ", ".join(f"{'on' if k else 'off'} {v[0]:.0f}" for k, v in self.switch.rates.items()))
+            self._measure(committed)
+
+    def _measure(self, committed: int) -> None:
+        """Feed the switch a pass's tokens and its time, from taking its requests to having sent its verdicts."""
+        was = self.switch.speculating
+        self.switch.observe(committed, time.monotonic() - self.built_at)
+        if self.switch.speculating != was:
+            log.info("speculation %s%s (tokens/s measured: %s)", "on" if self.switch.speculating else "off",
+                     " to measure it again" if self.switch.trying else "",
+                     ", ".join(f"{'on' if k else 'off'} {v[0]:.0f}" for k, v in self.switch.rates.items()))
 
     @property
     def reach(self) -> int:

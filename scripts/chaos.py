@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import msgpack
@@ -269,6 +270,7 @@ async def main() -> int:
            **({f"AMUSD_FAULT_{k}": str(args.message_faults) for k in ("DROP", "DUP", "DELAY")}
               if args.message_faults else {})}
     verify = load("tiny-verify", "cpu", "float32")
+    reference_thread = ThreadPoolExecutor(1)  # the reference decodes one at a time, beside the clients' event loop
     d = Deployment(env, f"{tmp}/logs", roles=("coordinator", "verify", "draft"))
     d.start("verify", name="verify-b")
     d.start("draft", name="draft-b")
@@ -306,7 +308,9 @@ async def main() -> int:
 
     async def one(client: AsyncClient, i: int) -> None:
         prompt_ids = [rng.randrange(256) for _ in range(rng.randrange(3, 12))]
-        expected = autoregressive(verify, prompt_ids, args.max_new_tokens, verify.eos_token_ids).token_ids
+        # Off the event loop: a client that blocks it misses its pings, and the coordinator cancels its requests.
+        expected = (await asyncio.get_running_loop().run_in_executor(
+            reference_thread, autoregressive, verify, prompt_ids, args.max_new_tokens, verify.eos_token_ids)).token_ids
         fault = asyncio.create_task(inject(rng.choice(targets), rng.uniform(0.05, 0.4))) \
             if rng.random() < args.fault_rate else None
         streamed, times = [], [time.monotonic()]

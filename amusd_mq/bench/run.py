@@ -316,12 +316,20 @@ async def _through_services(url, ids, max_new, lookahead, policy, sampling: Samp
 def machine(cfg: c.Config) -> dict:
     import torch
 
-    info = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+    info = {"platform": platform.platform(), "cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     for role, device in (("draft", cfg.draft_device), ("verify", cfg.verify_device)):
-        info[f"{role}_device"] = (torch.cuda.get_device_name(device) if device.startswith("cuda")
-                                  else platform.processor() or "cpu")
+        info[f"{role}_device"] = torch.cuda.get_device_name(device) if device.startswith("cuda") else info["cpu"]
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is empty on most Linux systems)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def format_table(summary: dict) -> str:

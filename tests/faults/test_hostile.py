@@ -17,7 +17,14 @@ import pytest
 from conftest import raw_exchange
 from test_verifier_loss import PROMPT
 
-from amusd_mq import AsyncClient, ClientClosedError, CoordinatorUnavailableError, InvalidRequestError, OverloadedError
+from amusd_mq import (
+    AsyncClient,
+    ClientClosedError,
+    CoordinatorUnavailableError,
+    InvalidRequestError,
+    OverloadedError,
+    RequestFailedError,
+)
 from amusd_mq import protocol as p
 
 pytestmark = pytest.mark.asyncio
@@ -152,6 +159,24 @@ async def test_a_killed_client_frees_its_workers_within_the_liveness_window(depl
     assert r.token_ids == expected(tiny_verify, reference, "Hello, world", 8)
     assert r.stats["queue_s"] < WINDOW_S  # it took 2000 tokens' time, 20 s and more, before
     assert status.clients_lost == 1 and status.cancelled == 1 and status.served == 1
+
+
+async def test_a_stalled_client_learns_that_its_request_was_cancelled(deploy, reference, tiny_verify):
+    """A client whose event loop blocks past the liveness window sends no pings, so its request is cancelled; once
+    it runs again it gets the committed tokens and a clear error, where it used to wait for the request forever."""
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        stream = client.stream(PROMPT, max_new_tokens=2000, ignore_eos=True)
+        got = list((await stream.__anext__()).token_ids)
+        time.sleep(WINDOW_S + 1.0)  # blocks the event loop: no pings go out
+        with pytest.raises(RequestFailedError) as err:
+            async for chunk in stream:
+                got += chunk.token_ids
+        status = await client.status()
+    assert err.value.code == "client_lost" and status.clients_lost == 1 and status.cancelled == 1
+    committed = err.value.token_ids
+    assert got == committed[:len(got)] and committed == expected(tiny_verify, reference, PROMPT, len(committed))
 
 
 @pytest.mark.parametrize("how", ["close", "break", "drop", "leave"])
