@@ -184,7 +184,7 @@ class Coordinator:
             finally:
                 outbox, self.outbox = self.outbox, None
                 for receiver, out in outbox.items():
-                    await send_all(self.pub if receiver is None else self.router, out, receiver)
+                    await send_all(self._socket(receiver), out, receiver)
 
     async def _handle(self, identity: bytes, msg: p.Message) -> None:
         handler = self.handlers.get(type(msg))
@@ -248,16 +248,20 @@ class Coordinator:
             await self._send(p.Error(code=kind, message=detail, req_id=req_id), identity)
 
     async def _send(self, msg: p.Message, identity: bytes) -> None:
-        if self.outbox is not None:
-            self.outbox.setdefault(identity, []).append(msg)
-        else:
-            await send(self.router, msg, identity)
+        await self._emit(msg, identity)
 
     async def _publish(self, msg: p.Message) -> None:
+        await self._emit(msg, None)
+
+    async def _emit(self, msg: p.Message, receiver: bytes | None) -> None:
+        """To a peer on the ROUTER, or on PUB (receiver None); held for the frame's end while one is handled."""
         if self.outbox is not None:
-            self.outbox.setdefault(None, []).append(msg)
+            self.outbox.setdefault(receiver, []).append(msg)
         else:
-            await send(self.pub, msg)
+            await send(self._socket(receiver), msg, receiver)
+
+    def _socket(self, receiver: bytes | None) -> zmq.asyncio.Socket:
+        return self.pub if receiver is None else self.router
 
     # clients
 
@@ -392,11 +396,9 @@ class Coordinator:
         log.warning("client %s went silent with %d requests in flight: cancelling them", client.hex(), len(keys))
         self.clients_lost += 1
         for key in keys:
-            req = self.requests.get(self.by_client[key])
-            await self._send(p.Error(code="client_lost", message=f"cancelled: this client sent nothing for "
-                                     f"{self.cfg.heartbeat_expiry_s:g}s while the request ran", req_id=key[1],
-                                     token_ids=req.seq.committed if req else []), client)
-            await self._cancel(key, "client_lost")
+            self.cancelled += 1
+            await self._fail(key, "client_lost", f"cancelled: this client sent nothing for "
+                                                 f"{self.cfg.heartbeat_expiry_s:g}s while the request ran")
         self.clients.pop(client, None)
 
     async def _cancel(self, key: tuple[bytes, str], reason: str) -> None:
@@ -484,7 +486,7 @@ class Coordinator:
         if fresh and req.verifier is not None:
             at = slice(start - msg.pos, start - msg.pos + len(fresh))
             await self._send(p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh,
-                                              q_ids=msg.q_ids[at], q_probs=msg.q_probs[at]), req.verifier)
+                                       q_ids=msg.q_ids[at], q_probs=msg.q_probs[at]), req.verifier)
         if rollback:
             await self._commit(req, len(req.seq.committed), [])
 
@@ -508,8 +510,7 @@ class Coordinator:
         tokens, _ = applied
         await self._commit(req, msg.start, tokens)
         text = req.detok.push(tokens) + (req.detok.flush() if req.seq.done else "")
-        await self._send(p.Tokens(req_id=req.client_req_id, start=msg.start, token_ids=tokens, text=text),
-                   req.client)
+        await self._send(p.Tokens(req_id=req.client_req_id, start=msg.start, token_ids=tokens, text=text), req.client)
         if req.seq.done:
             await self._finish(req)
 
@@ -578,7 +579,7 @@ class Coordinator:
         """Called on the verdict that ends the request, so its verifier is the one that computed it."""
         stats = {**req.seq.summary(), "seed": req.sampling.seed, "runner": self.workers[req.verifier].info.runner}
         await self._send(p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
-                                       prompt_ids=req.seq.prompt_ids, stats=stats), req.client)
+                                prompt_ids=req.seq.prompt_ids, stats=stats), req.client)
         self.served += 1
         await self._forget(req)
 
@@ -588,7 +589,7 @@ class Coordinator:
             return
         req = self._end(key, code)
         await self._send(p.Error(code=code, message=message, req_id=key[1],
-                                        token_ids=req.seq.committed if req else []), key[0])
+                                 token_ids=req.seq.committed if req else []), key[0])
         if req is not None:
             await self._forget(req)
 

@@ -20,34 +20,24 @@ from .runtime.lm import Guess, Session, propose
 from .sampling import GREEDY, Sampling, sampling_of
 from .security import secure
 from .transport import make_socket, pub_url, send, send_all
-from .worker import Worker
+from .worker import Served, Worker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DraftRequest:
-    rid: str
-    prompt: list[int]
+class DraftRequest(Served):
     committed: list[int]
     epoch: int
     lookahead: int  # how far ahead to run: what its verifier last asked for, within the request's cap
     max_new_tokens: int
     stop: frozenset[int]
-    session: Session | None = None
-    assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     sampling: Sampling = GREEDY
     guess: list[int] = field(default_factory=list)  # committed tokens followed by this draft's own guesses
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: each guess's q
     revision: int = 0  # bumped whenever guesses are thrown away
     cut: int | None = None  # the first guess thrown away since the last step: where the KV cache rolls back to
-    done: bool = False
     behind: bool = False  # a gap in the commits it has seen: it waits for a snapshot before guessing again
-
-    def release(self) -> None:
-        self.done = True
-        if self.session is not None:
-            self.session.close()
 
     def idle(self, max_context: int) -> bool:
         ahead = self.guess[len(self.committed):]

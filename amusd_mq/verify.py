@@ -21,36 +21,26 @@ from .sampling import GREEDY, Sampling, proposal_problem, sampling_of
 from .sequence import Sequence
 from .speculation import Acceptance, CostModel, Switch, best_depth
 from .transport import send, send_all
-from .worker import Worker
+from .worker import Served, Worker
 
 log = logging.getLogger(__name__)
 CALIBRATION = ((1, 1), (1, 8), (4, 8))  # (rows, tokens per row) of the passes timed before serving
 
 
 @dataclass
-class VerifyRequest:
-    rid: str
-    prompt: list[int]
+class VerifyRequest(Served):
     seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
     lookahead: int  # the request's cap
-    session: Session | None = None
     policy: str = "eager"
     sampling: Sampling = GREEDY
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.5))
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
     dists: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # exact mode: position -> q
     epoch: int = -1
-    assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
     dead_epoch: int = -1  # proposals of this epoch or older contradict a commit
-    done: bool = False
     waiting_since: float | None = None  # the amusd policy: when it began waiting for two proposals
     last: p.Verdict | None = None  # the latest verdict sent
     finished_at: float | None = None  # when the final verdict was first sent
-
-    def release(self) -> None:
-        self.done = True
-        if self.session is not None:
-            self.session.close()
 
     def offer(self, epoch: int, pos: int, tokens: list[int], q_ids=(), q_probs=()) -> None:
         if epoch <= self.dead_epoch or epoch < self.epoch:
@@ -186,8 +176,6 @@ class VerifyWorker(Worker):
 
     async def finish(self, batch: list[tuple[VerifyRequest, Check]], outcome) -> None:
         results, step_ms = outcome
-        if not self.prefilled:
-            self.cost.observe(len(batch) * (max(len(check.draft) for _, check in batch) + 1), step_ms)
         now = time.monotonic()
         committed, verdicts = 0, []
         for (r, check), (tokens, accepted) in zip(batch, results):
@@ -210,10 +198,12 @@ class VerifyWorker(Worker):
             verdicts.append(r.last)
         await send_all(self.dealer, verdicts)
         if not self.prefilled:
-            self._measure(committed)
+            self._measure(batch, step_ms, committed)
 
-    def _measure(self, committed: int) -> None:
-        """Feed the switch a pass's tokens and its time, from taking its requests to having sent its verdicts."""
+    def _measure(self, batch: list[tuple[VerifyRequest, Check]], step_ms: float, committed: int) -> None:
+        """A step (not a prefill) teaches the cost line its forward pass's time, and the switch the tokens it
+        committed in its time from taking its requests to having sent its verdicts."""
+        self.cost.observe(len(batch) * (max(len(check.draft) for _, check in batch) + 1), step_ms)
         was = self.switch.speculating
         self.switch.observe(committed, time.monotonic() - self.built_at)
         if self.switch.speculating != was:

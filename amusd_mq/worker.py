@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
@@ -32,6 +33,21 @@ from .transport import Rejects, make_socket, recv_valid, send
 log = logging.getLogger(__name__)
 BACKOFF_CAP_BEATS = 2  # the longest wait between registrations, in heartbeats
 PREFILL_BUDGET = 2048  # tokens, padding included, of a pass that prefills several new requests at once
+
+
+@dataclass(kw_only=True)
+class Served:
+    """What a worker holds for each request it serves; each role's state adds to it."""
+    rid: str
+    prompt: list[int]
+    session: Session | None = None  # its KV cache, given back on release
+    assigned: int = 0  # the epoch of the Assign that started it; a resend comes with a newer one
+    done: bool = False
+
+    def release(self) -> None:
+        self.done = True
+        if self.session is not None:
+            self.session.close()
 
 
 class Worker:

@@ -197,8 +197,7 @@ class TraceLM(LM):
             vocab = self.compute.vocab_size
             self.compute.logits([Feed(f.session.compute, [t % vocab for t in f.seq], f.n_out) for f in feeds])
         else:
-            spend(self.profile.step_ms(self.role, sum(len(f.seq) - min(f.session.length, len(f.seq) - f.n_out)
-                                                      for f in feeds)) / 1000)
+            spend(self.profile.step_ms(self.role, sum(len(f.seq) - f.start for f in feeds)) / 1000)
         for f in feeds:
             f.session.length = len(f.seq)
         return out

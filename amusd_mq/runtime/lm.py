@@ -74,11 +74,7 @@ class LM:
 
     def logits(self, feeds: list["Feed"]) -> list[torch.Tensor]:
         """Each feed's logits [n_out, vocab] in one step; each session then holds its whole sequence."""
-        rows = []
-        for f in feeds:
-            start = min(f.session.length, len(f.seq) - f.n_out)
-            rows.append(Row(f.session.slot, start, f.seq[start:], f.n_out))
-        out = self.step(rows)
+        out = self.step([Row(f.session.slot, f.start, f.seq[f.start:], f.n_out) for f in feeds])
         for f in feeds:
             f.session.length = len(f.seq)
         return out
@@ -169,6 +165,12 @@ class Feed:
     session: Session
     seq: list[int]
     n_out: int
+
+    @property
+    def start(self) -> int:
+        """Where its new tokens begin: after what the cache still holds, and no later than the first position
+        that wants logits."""
+        return min(self.session.length, len(self.seq) - self.n_out)
 
 
 @dataclass(frozen=True)
