@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for role in SERVICE_ROLES:
         c.add_flags(sub.add_parser(role, help=f"run the {role} service"), role)
+    c.add_flags(sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway"), c.GATEWAY)
     gen = sub.add_parser("generate", help="stream a generation from a running deployment, then its stats")
     gen.add_argument("prompt")
     gen.add_argument("--max-new-tokens", type=int, default=128)
@@ -60,13 +61,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(keygen_main(args.dir, args.names.split(","), parser))
     try:
         cfg = c.load(args)
-        if args.command in (*SERVICE_ROLES, "generate"):
+        if args.command in (*SERVICE_ROLES, c.GATEWAY, "generate"):
             _check_keys(cfg, c.CLIENT if args.command == "generate" else args.command)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command in SERVICE_ROLES:
         sys.exit(run_service(args.command, cfg, c.is_set("runner", args)))
+    if args.command == c.GATEWAY:
+        from .gateway import serve  # the HTTP stack loads only where it serves
+
+        sys.exit(serve(cfg))
     if args.command == "generate":
         sys.exit(_run(_generate(cfg, args.prompt, max_new_tokens=args.max_new_tokens, lookahead=args.request_lookahead,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

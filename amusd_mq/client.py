@@ -65,6 +65,7 @@ class RequestFailedError(AmusdError):
 ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError,
           "invalid_request": InvalidRequestError, "field": InvalidRequestError, "queue_full": OverloadedError,
           "too_many_requests": OverloadedError}
+READY_POLL_S = 0.1
 CANCEL_LINGER_MS = 200  # how long close() gives its cancels to leave when the coordinator is slow to take them
 
 
@@ -101,6 +102,7 @@ class AsyncClient:
         self._tasks: list[asyncio.Task] = []
         self._last_heard = 0.0
         self._closed: ClientClosedError | None = None  # why no request can be sent any more
+        self._gone = asyncio.Event()  # set with _closed
         self.welcome: p.Welcome | None = None
 
     async def __aenter__(self) -> "AsyncClient":
@@ -153,11 +155,28 @@ class AsyncClient:
     def _fail_all(self, error: ClientClosedError) -> None:
         """No request can be sent or answered any more: every waiter raises `error` now."""
         self._closed = self._closed or error
+        self._gone.set()
         for queue in (*self._streams.values(), self._control):
             queue.put_nowait(error)
 
     async def status(self) -> p.StatusReply:
         return await self._ask(p.Status(), p.StatusReply)
+
+    async def wait_ready(self, timeout_s: float | None = None) -> p.StatusReply:
+        """Until a verify worker is registered with the coordinator, or NoWorkerError after timeout_s (default: the
+        client's timeout). Not needed before a request, which waits for one anyway (AMUSD_QUEUE_TIMEOUT_S)."""
+        limit = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
+        while (status := await self.status()).verifiers == 0:
+            if time.monotonic() >= deadline:
+                raise NoWorkerError(f"no verify worker registered within {limit:g}s")
+            await asyncio.sleep(min(READY_POLL_S, max(0.0, deadline - time.monotonic())))
+        return status
+
+    async def wait_closed(self) -> ClientClosedError:
+        """Until the connection is gone (closed, or its reader failed); returns why."""
+        await self._gone.wait()
+        return self._closed
 
     async def _send(self, msg: p.Message) -> None:
         if self._closed is not None:
@@ -231,7 +250,9 @@ class AsyncClient:
     def stream(self, prompt: str | None = None, **kwargs) -> "Stream":
         """Committed tokens as they are decided, in order, each exactly once; `.result` once exhausted.
 
-        prompt or prompt_ids=[...]; max_new_tokens; stop_token_ids=[]; ignore_eos=False; lookahead=None;
+        prompt, prompt_ids=[...] or messages=[{"role": ..., "content": ...}] (a chat, rendered with the verify model's
+        chat template); max_new_tokens; stop_token_ids=[]; stop=[] (strings: the text ends before the first to
+        appear, and the request there); ignore_eos=False; lookahead=None;
         deadline_s=None (overall limit for this request); policy="eager" ("amusd": the original verifier's
         wait-for-two policy, for benchmarks). Sampling: temperature=0.0, top_k=0 (no limit), top_p=1.0, seed=None
         (the coordinator picks one, reported as stats["seed"]) and sampling_mode: "greedy", "seeded" (the
@@ -242,11 +263,13 @@ class AsyncClient:
         return Stream(self._run(prompt, result=result, **kwargs), result)
 
     async def _run(self, prompt: str | None, *, result: GenerationResult, max_new_tokens: int,
-                   prompt_ids: list[int] | None = None, stop_token_ids=(), ignore_eos: bool = False,
+                   prompt_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
+                   stop_token_ids=(), stop=(), ignore_eos: bool = False,
                    lookahead: int | None = None, deadline_s: float | None = None, policy: str = "eager",
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                    sampling_mode: str | None = None) -> AsyncIterator[Chunk]:
-        msg = _request(prompt, prompt_ids, max_new_tokens, list(stop_token_ids), ignore_eos, lookahead)
+        msg = _request(prompt, prompt_ids, messages, max_new_tokens, list(stop_token_ids), list(stop), ignore_eos,
+                       lookahead)
         msg.policy = policy
         _sampling(msg, temperature, top_k, top_p, seed, sampling_mode)
         queue: asyncio.Queue = asyncio.Queue()
@@ -323,10 +346,17 @@ class Stream:
         await self.aclose()
 
 
-def _request(prompt, prompt_ids, max_new_tokens, stop_token_ids, ignore_eos, lookahead) -> p.Generate:
+def _request(prompt, prompt_ids, messages, max_new_tokens, stop_token_ids, stop, ignore_eos,
+             lookahead) -> p.Generate:
     """Check what can be checked without the model; the coordinator checks vocabulary and context."""
-    if (prompt is None) == (prompt_ids is None):
-        raise InvalidRequestError("give exactly one of prompt and prompt_ids")
+    if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
+        raise InvalidRequestError("give exactly one of prompt, prompt_ids and messages")
+    if messages is not None and (not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+            for m in messages)):
+        raise InvalidRequestError("messages must be a non-empty list of maps of strings (role, content)")
+    if not all(isinstance(s, str) and s for s in stop):
+        raise InvalidRequestError("stop must be a list of non-empty strings")
     if prompt is not None and (not isinstance(prompt, str) or not prompt):
         raise InvalidRequestError("prompt must be a non-empty string")
     if prompt_ids is not None:
@@ -340,7 +370,8 @@ def _request(prompt, prompt_ids, max_new_tokens, stop_token_ids, ignore_eos, loo
     if lookahead is not None and (not _id(lookahead) or lookahead < 1):
         raise InvalidRequestError(f"lookahead must be a positive int, not {lookahead!r}")
     return p.Generate(req_id=uuid.uuid4().hex, max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
-                      stop_token_ids=stop_token_ids, ignore_eos=bool(ignore_eos), lookahead=lookahead)
+                      messages=messages, stop_token_ids=stop_token_ids, stop=stop, ignore_eos=bool(ignore_eos),
+                      lookahead=lookahead)
 
 
 def _sampling(msg: p.Generate, temperature, top_k, top_p, seed, mode) -> None:

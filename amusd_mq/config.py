@@ -8,9 +8,10 @@ import argparse
 import os
 from dataclasses import dataclass, fields
 
-COORDINATOR, DRAFT, VERIFY, CLIENT = "coordinator", "draft", "verify", "client"
+COORDINATOR, DRAFT, VERIFY, GATEWAY, CLIENT = "coordinator", "draft", "verify", "gateway", "client"
 WORKERS = (DRAFT, VERIFY)
 SERVICES = (COORDINATOR, DRAFT, VERIFY)
+CLIENTS = (GATEWAY, CLIENT)  # what connects to the coordinator as a client
 
 
 class ConfigurationError(Exception):
@@ -34,7 +35,7 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
-ALL = (COORDINATOR, DRAFT, VERIFY, CLIENT)
+ALL = (COORDINATOR, DRAFT, VERIFY, *CLIENTS)
 SETTINGS = (
     Setting("coordinator_url", "tcp://127.0.0.1:5550",
             "The coordinator's ROUTER address; its PUB socket is on the next port (ipc: path + '.pub').", ALL),
@@ -56,8 +57,10 @@ SETTINGS = (
             "under load the verifier asks for fewer, down to none, where they would cost more than they earn.",
             (COORDINATOR,)),
     Setting("threads", 0, "Torch CPU threads per worker (0: torch's default).", WORKERS),
-    Setting("heartbeat_s", 1.0, "Heartbeat interval between the coordinator and workers, in seconds.", ALL),
-    Setting("liveness", 5, "Heartbeats missed before a peer is declared dead.", ALL),
+    Setting("heartbeat_s", 1.0, "Heartbeat interval, in seconds. The coordinator's rules: it hands it to every worker "
+            "and client that connects; a worker's own only paces its first registration.", SERVICES),
+    Setting("liveness", 5, "Heartbeats missed before a peer is presumed dead; the coordinator's rules, as for "
+            "AMUSD_HEARTBEAT_S.", SERVICES),
     Setting("max_message_bytes", 4 << 20, "Largest frame any socket accepts; larger ones are rejected.", ALL),
     Setting("max_queue", 1024, "Most requests waiting for a verifier, all clients together; more are refused "
             "(queue_full).", (COORDINATOR,)),
@@ -65,15 +68,21 @@ SETTINGS = (
             "(too_many_requests). Clients take turns in the queue.", (COORDINATOR,)),
     Setting("curve_secret_key", "", "CURVE: this service's or client's secret key file (amusd-mq keygen); empty: "
             "no encryption or authentication.", ALL),
-    Setting("curve_server_key", "", "CURVE: the coordinator's public key file.", (DRAFT, VERIFY, CLIENT)),
+    Setting("curve_server_key", "", "CURVE: the coordinator's public key file.", (DRAFT, VERIFY, *CLIENTS)),
     Setting("curve_allow_dir", "", "CURVE: directory of the public key files the coordinator admits.", (COORDINATOR,)),
     Setting("failover_s", 10.0, "How long a request whose verifier was lost waits for another one to resume it "
             "before it fails, carrying its committed tokens.", (COORDINATOR,)),
     Setting("progress_timeout_s", 30.0, "A verifier that commits nothing for this long is sent its request again; "
             "after a second time it is dropped as hung and the request moves on. Allow for the longest prefill.",
             (COORDINATOR,)),
-    Setting("timeout_s", 60.0, "Client: seconds of silence from the coordinator before a request fails.",
-            (CLIENT,)),
+    Setting("queue_timeout_s", 60.0, "How long a request waits for a verify worker while none is registered (the "
+            "services are starting, or every verifier was lost) before it fails with no_worker.", (COORDINATOR,)),
+    Setting("timeout_s", 60.0, "Client: seconds of silence from the coordinator before a request fails.", CLIENTS),
+    Setting("http_host", "127.0.0.1", "Gateway: the address the OpenAI-compatible HTTP server listens on.",
+            (GATEWAY,)),
+    Setting("http_port", 8000, "Gateway: the HTTP port.", (GATEWAY,)),
+    Setting("api_key", "", "Gateway: when set, every request but /health and /metrics must carry "
+            "'Authorization: Bearer <key>'.", (GATEWAY,)),
     Setting("cache_dir", "~/.cache/amusd-mq", "Where converted models are kept.", SERVICES),
     Setting("log_level", "INFO", "Python logging level.", ALL),
     Setting("trace_compute", "latency:profile.json",
@@ -118,7 +127,11 @@ class Config:
     curve_allow_dir: str
     failover_s: float
     progress_timeout_s: float
+    queue_timeout_s: float
     timeout_s: float
+    http_host: str
+    http_port: int
+    api_key: str
     cache_dir: str
     log_level: str
     trace_compute: str
@@ -140,6 +153,7 @@ class Config:
             "liveness": self.liveness >= 1, "max_message_bytes": self.max_message_bytes >= 1024,
             "max_queue": self.max_queue >= 1, "max_client_requests": self.max_client_requests >= 1,
             "timeout_s": self.timeout_s > 0, "failover_s": self.failover_s >= 0,
+            "queue_timeout_s": self.queue_timeout_s >= 0, "http_port": 0 <= self.http_port < 65536,
             "draft_delay_ms": self.draft_delay_ms >= 0, "verify_delay_ms": self.verify_delay_ms >= 0,
             "progress_timeout_s": self.progress_timeout_s > 0, "fault_delay_ms": self.fault_delay_ms >= 0,
             "verify_hang_after": self.verify_hang_after >= 0,

@@ -19,8 +19,9 @@ import zmq.asyncio
 from . import protocol as p
 from . import vocab
 from .admission import Admission, Refused
+from .chat import ChatError
 from .config import COORDINATOR, DRAFT, VERIFY, Config, ConfigurationError
-from .detokenize import Detokenizer
+from .detokenize import TextStream
 from .sampling import Sampling, proposal_problem, requested
 from .security import Gate, load_keys, secure
 from .sequence import Sequence
@@ -55,7 +56,7 @@ class Request:
     lookahead: int  # the cap
     policy: str
     sampling: Sampling
-    detok: Detokenizer
+    text: TextStream
     reach: int  # how far ahead its verifier last asked the draft to run
     published_reach: int | None = None  # the reach its latest published Commit carried
     verifier: bytes | None = None
@@ -69,6 +70,14 @@ class Request:
     def key(self) -> tuple[bytes, str]:
         """How its client names it."""
         return self.client, self.client_req_id
+
+
+@dataclass(frozen=True)
+class Held:
+    """A request that came while no verify worker was registered: it waits for one, up to queue_timeout_s."""
+    client: bytes
+    msg: p.Generate
+    since: float
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,7 @@ class Coordinator:
         self.requests: dict[str, Request] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}  # every admitted request, tokenizing ones included
         self.tokenizing: dict[str, asyncio.Task] = {}
+        self.held: dict[str, Held] = {}
         self.clients: dict[bytes, float] = {}  # when each client with requests in flight was last heard
         self.admission = Admission(cfg.max_queue, cfg.max_client_requests)
         self.rejects = Rejects()
@@ -207,6 +217,10 @@ class Coordinator:
                     await self._drop_worker(w, "missed heartbeats")
                 else:
                     await self._send(p.Heartbeat(), w.identity)
+            for rid, held in list(self.held.items()):
+                if now - held.since > self.cfg.queue_timeout_s:
+                    await self._fail((held.client, held.msg.req_id), "no_worker",
+                                     f"no verify worker registered within {self.cfg.queue_timeout_s:g}s")
             for req in list(self.requests.values()):
                 if req.orphaned is not None and now - req.orphaned > self.cfg.failover_s:
                     await self._fail(req.key, "worker_lost", f"its verify worker was lost and no other took over "
@@ -275,7 +289,7 @@ class Coordinator:
         verifiers = self._verifiers()
         ref = verifiers[0].info if verifiers else None
         await self._send(p.Welcome(
-            instance=self.instance, verifiers=len(verifiers), drafts=len(self._drafts()),
+            instance=self.instance, model=self.cfg.verify_model, verifiers=len(verifiers), drafts=len(self._drafts()),
             vocab_size=ref.vocab_size if ref else 0, max_context=ref.max_context if ref else 0,
             eos_token_ids=ref.eos_token_ids if ref else [], heartbeat_s=self.cfg.heartbeat_s), identity)
 
@@ -289,27 +303,53 @@ class Coordinator:
             served=self.served, cancelled=self.cancelled, clients_lost=self.clients_lost), identity)
 
     async def on_generate(self, identity: bytes, msg: p.Generate) -> None:
-        """Admit a request. A text prompt is tokenized on another thread, so that neither the event loop nor
-        this receive loop waits for it."""
+        """Admit a request. While no verify worker is registered it is held, waiting for one."""
+        key = (identity, msg.req_id)
         try:
-            info, lookahead = self._validate(identity, msg)
-            sampling = requested_sampling(msg)
+            if key in self.by_client:
+                raise RequestError("invalid_request", f"request id {msg.req_id!r} is already in flight")
+            if not self._verifiers() and self.cfg.queue_timeout_s == 0:
+                raise RequestError("no_worker", "no verify worker is registered with the coordinator")
             self.admission.admit(identity)
         except (RequestError, Refused) as exc:
             await self._reject(identity, exc.code, str(exc), msg.req_id)
             return
-        admitted = Admitted(identity, msg, uuid.uuid4().hex, info, lookahead, sampling)
-        self.by_client[admitted.key] = admitted.rid
+        rid = self.by_client[key] = uuid.uuid4().hex
         self.clients.setdefault(identity, time.monotonic())
-        if msg.prompt is None:
+        if self._verifiers():
+            await self._admit(identity, msg, rid)
+        else:
+            self.held[rid] = Held(identity, msg, time.monotonic())
+
+    async def _admit(self, client: bytes, msg: p.Generate, rid: str) -> None:
+        """Check a request against the serving model. A text or chat prompt is then tokenized on another thread,
+        so that neither the event loop nor this receive loop waits for it."""
+        try:
+            info, lookahead = self._validate(msg)
+            sampling = requested_sampling(msg)
+        except RequestError as exc:
+            self._unreserve((client, msg.req_id))
+            await self._reject(client, exc.code, str(exc), msg.req_id)
+            return
+        admitted = Admitted(client, msg, rid, info, lookahead, sampling)
+        if msg.prompt_ids is not None:
             await self._enqueue(admitted, msg.prompt_ids)
         else:
             self.tokenizing[admitted.rid] = asyncio.create_task(self._tokenize_then_enqueue(admitted))
 
+    async def _admit_held(self) -> None:
+        """A verify worker registered: the held requests are admitted, in the order they came."""
+        for rid, held in list(self.held.items()):
+            del self.held[rid]
+            await self._admit(held.client, held.msg, rid)
+
     async def _tokenize_then_enqueue(self, admitted: Admitted) -> None:
         try:
             ids = await asyncio.get_running_loop().run_in_executor(self.tokenizer_thread, self._encode,
-                                                                   admitted.msg.prompt)
+                                                                   admitted.msg)
+        except ChatError as exc:
+            await self._refuse(admitted, RequestError("invalid_request", str(exc)))
+            return
         except Exception as exc:
             log.exception("tokenizing a prompt failed")
             await self._refuse(admitted, RequestError("internal", f"the prompt could not be tokenized: {exc!r}"))
@@ -318,8 +358,11 @@ class Coordinator:
             self.tokenizing.pop(admitted.rid, None)
         await self._enqueue(admitted, ids)
 
-    def _encode(self, prompt: str) -> list[int]:
-        return self.vocab.tokenizer.encode(prompt).ids
+    def _encode(self, msg: p.Generate) -> list[int]:
+        if msg.messages is None:
+            return self.vocab.tokenizer.encode(msg.prompt).ids
+        # The template writes any special tokens the model expects; the tokenizer must not add its own.
+        return self.vocab.tokenizer.encode(self.vocab.chat.render(msg.messages), add_special_tokens=False).ids
 
     async def _enqueue(self, admitted: Admitted, ids: list[int]) -> None:
         """Queue an admitted request once its prompt ids are known, or refuse it."""
@@ -332,7 +375,7 @@ class Coordinator:
         stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(admitted.info.eos_token_ids))
         self.requests[admitted.rid] = Request(
             rid=admitted.rid, client=admitted.client, client_req_id=msg.req_id, lookahead=admitted.lookahead,
-            policy=msg.policy, sampling=admitted.sampling, detok=Detokenizer(self.vocab.tokenizer),
+            policy=msg.policy, sampling=admitted.sampling, text=TextStream(self.vocab.tokenizer, msg.stop),
             reach=admitted.lookahead,
             seq=Sequence(prompt_ids=ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
         self.admission.enqueue(admitted.client, admitted.rid)
@@ -342,26 +385,27 @@ class Coordinator:
         self._unreserve(admitted.key)
         await self._reject(admitted.client, exc.code, str(exc), admitted.msg.req_id)
 
-    def _validate(self, identity: bytes, msg: p.Generate) -> tuple[p.Register, int]:
+    def _validate(self, msg: p.Generate) -> tuple[p.Register, int]:
         """What can be checked before the prompt is tokenized. Returns the serving model's registration and the
         request's lookahead."""
-        verifiers = self._verifiers()
-        if not verifiers:
-            raise RequestError("no_worker", "no verify worker is registered with the coordinator")
-        info = verifiers[0].info
-        if (identity, msg.req_id) in self.by_client:
-            raise RequestError("invalid_request", f"request id {msg.req_id!r} is already in flight")
-        if (msg.prompt is None) == (msg.prompt_ids is None):
-            raise RequestError("invalid_request", "give exactly one of prompt and prompt_ids")
-        if msg.prompt is not None:
+        info = self._verifiers()[0].info
+        if sum(x is not None for x in (msg.prompt, msg.prompt_ids, msg.messages)) != 1:
+            raise RequestError("invalid_request", "give exactly one of prompt, prompt_ids and messages")
+        if msg.prompt_ids is None:
             if self.vocab.tokenizer is None:
                 raise RequestError("invalid_request", "the verify model has no tokenizer; send prompt_ids")
-            size, limit = len(msg.prompt.encode()), info.max_context * MAX_PROMPT_BYTES_PER_TOKEN
+            if msg.messages is not None and self.vocab.chat is None:
+                raise RequestError("invalid_request", f"the verify model {self.cfg.verify_model} has no chat "
+                                                      f"template; send a prompt")
+            text = msg.prompt or "".join(m.get("content", "") for m in msg.messages)
+            size, limit = len(text.encode()), info.max_context * MAX_PROMPT_BYTES_PER_TOKEN
             if size > limit:
                 raise RequestError("invalid_request", f"a prompt of {size} bytes can't fit the model context of "
                                                       f"{info.max_context} tokens (at most {limit} bytes); send "
                                                       f"prompt_ids to go beyond {MAX_PROMPT_BYTES_PER_TOKEN} bytes "
                                                       f"per token")
+        if msg.stop and self.vocab.tokenizer is None:
+            raise RequestError("invalid_request", "stop strings need the verify model's tokenizer")
         if msg.max_new_tokens < 1:
             raise RequestError("invalid_request", "max_new_tokens must be at least 1")
         lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
@@ -408,12 +452,13 @@ class Coordinator:
             await self._forget(req)
 
     def _end(self, key: tuple[bytes, str], reason: str) -> Request | None:
-        """End a request wherever it is. One still being tokenized is gone at once (None); a queued or running one
-        is returned, ended, for the caller to forget once it has told whom it must."""
+        """End a request wherever it is. One held or still being tokenized is gone at once (None); a queued or
+        running one is returned, ended, for the caller to forget once it has told whom it must."""
         rid = self.by_client[key]
         task = self.tokenizing.pop(rid, None)
-        if task is not None:
-            task.cancel()
+        if task is not None or self.held.pop(rid, None) is not None:
+            if task is not None:
+                task.cancel()
             self._unreserve(key)
             return None
         req = self.requests[rid]
@@ -436,7 +481,10 @@ class Coordinator:
             await self._drop_worker(old, "re-registered")
         self.workers[identity] = Worker(identity, msg, time.monotonic())
         log.info("registered %s worker %s (%s)", msg.role, identity.hex(), msg.model)
-        await self._send(p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s), identity)
+        await self._send(p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s, liveness=self.cfg.liveness),
+                         identity)
+        if msg.role == VERIFY:
+            await self._admit_held()
         await self._schedule()
 
     async def _worker(self, identity: bytes, role: str | None = None) -> Worker | None:
@@ -508,8 +556,13 @@ class Coordinator:
         req.reach = min(msg.lookahead, req.lookahead)
         self.workers[identity].reach = msg.lookahead
         tokens, _ = applied
+        text, keep = req.text.push(tokens)
+        if keep is not None:
+            tokens = tokens[:keep]
+            req.seq.stop_at(msg.start + keep)
+        elif req.seq.done:
+            text += req.text.flush()
         await self._commit(req, msg.start, tokens)
-        text = req.detok.push(tokens) + (req.detok.flush() if req.seq.done else "")
         await self._send(p.Tokens(req_id=req.client_req_id, start=msg.start, token_ids=tokens, text=text), req.client)
         if req.seq.done:
             await self._finish(req)

@@ -38,6 +38,9 @@ PYPI_MODELS = {
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
 }
 TINY_MODELS = {"tiny-draft", "tiny-verify"}
+# ChatML, as Qwen's templates write it, so that chat requests can be tested on the tiny models.
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                      "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def default_cache_dir() -> str:
@@ -114,6 +117,7 @@ def _build_tiny(name: str, out: Path) -> None:
         model.model.layers = model.model.layers[:2]
         model.config.num_hidden_layers = 2
     model.save_pretrained(out)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
 
 

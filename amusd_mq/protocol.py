@@ -15,7 +15,7 @@ from typing import Callable, ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 INT_LIMIT = 1 << 63
 
 
@@ -92,6 +92,7 @@ class Hello(Message):
 class Welcome(Message):
     TYPE = "welcome"
     instance: str  # this run of the coordinator: a client seeing another one knows its requests were lost
+    model: str  # the verify model it serves, as configured
     verifiers: int
     drafts: int
     vocab_size: int
@@ -107,7 +108,9 @@ class Generate(Message):
     max_new_tokens: int
     prompt: str | None = None
     prompt_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None  # a chat, rendered with the verify model's chat template
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings: the text ends before the first one to appear
     ignore_eos: bool = False
     lookahead: int | None = None
     policy: str = "eager"  # or "amusd": the original's verifier, waiting for 2 proposals; for benchmarks
@@ -200,9 +203,12 @@ class Register(Message):
 
 @message
 class Registered(Message):
+    """Accepts a worker, and sets its heartbeat: every `heartbeat_s`, and the coordinator presumed dead after
+    `liveness` of them in silence, as the coordinator itself judges its workers."""
     TYPE = "registered"
     seq: int
     heartbeat_s: float
+    liveness: int
 
 
 @message

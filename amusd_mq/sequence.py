@@ -141,6 +141,12 @@ class Sequence:
             tokens = tokens[:room]
         return tokens
 
+    def stop_at(self, length: int) -> None:
+        """End at a stop string found in the committed text: the tokens after the one completing it are dropped."""
+        del self.committed[length:]
+        self.finish_reason = "stop"
+        self.finished = self.finished or time.monotonic()
+
     def cancel(self, reason: str) -> None:
         if not self.done:
             self.finish_reason = reason

@@ -147,7 +147,7 @@ class VerifyWorker(Worker):
     def build(self) -> list[tuple[VerifyRequest, Check]]:
         """Each request's check, copied here on the event loop: proposals keep arriving during the pass."""
         now = self.built_at = time.monotonic()
-        live = [r for r in self.requests.values() if not r.seq.done and r.ready(now, self.cfg.heartbeat_expiry_s)]
+        live = [r for r in self.requests.values() if not r.seq.done and r.ready(now, self.expiry_s)]
         batch = self.take_turns(live)
         eager = [r for r in batch if r.policy == "eager"]
         if eager and not self.prefilled:
@@ -163,7 +163,7 @@ class VerifyWorker(Worker):
     def patience(self) -> float | None:
         """While an amusd-policy request waits for proposals, the loop looks again a few times a heartbeat."""
         waiting = any(not r.seq.done and r.policy != "eager" for r in self.requests.values())
-        return self.cfg.heartbeat_s / 4 if waiting else None
+        return self.heartbeat_s / 4 if waiting else None
 
     def compute(self, batch: list[tuple[VerifyRequest, Check]]) -> tuple[list[tuple[list[int], int]], float]:
         start = time.perf_counter()
@@ -221,8 +221,8 @@ class VerifyWorker(Worker):
         """Nothing follows a request's last verdict, so its loss would go unnoticed: it is sent again every
         heartbeat until the coordinator releases the request."""
         while True:
-            await asyncio.sleep(self.cfg.heartbeat_s)
+            await asyncio.sleep(self.heartbeat_s)
             now = time.monotonic()
             for r in list(self.requests.values()):
-                if r.finished_at is not None and now - r.finished_at >= self.cfg.heartbeat_s:
+                if r.finished_at is not None and now - r.finished_at >= self.heartbeat_s:
                     await send(self.dealer, r.last)

@@ -1,4 +1,5 @@
-"""The vocabulary a deployment serves: the verify model's tokenizer and the hash that names its id mapping.
+"""The vocabulary a deployment serves: the verify model's tokenizer, the hash that names its id mapping, and its
+chat template.
 
 The coordinator loads it from its own configuration (`AMUSD_VERIFY_MODEL`), so which workers it admits
 never depends on who registers first: a worker whose hash differs is refused, whatever the order.
@@ -13,6 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from . import models
+from .chat import ChatTemplate
 
 TRACE_PREFIX = "trace:"  # a model name replaying a recorded trace (benchmarks): prompt ids only, no tokenizer
 
@@ -21,6 +23,7 @@ TRACE_PREFIX = "trace:"  # a model name replaying a recorded trace (benchmarks):
 class Vocabulary:
     hash: str
     tokenizer: Tokenizer | None  # None for a trace replay, which takes prompt_ids only
+    chat: ChatTemplate | None = None  # None when the model has no chat template
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -44,6 +47,6 @@ def load(model: str, cache_dir: str | None) -> Vocabulary:
         if not (path / "tokenizer.json").exists():
             raise ValueError(f"{model}: {path} has no tokenizer.json")
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-    else:
-        tokenizer = Tokenizer.from_pretrained(model)
+        return Vocabulary(tokenizer_hash(tokenizer), tokenizer, ChatTemplate.load(path))
+    tokenizer = Tokenizer.from_pretrained(model)
     return Vocabulary(tokenizer_hash(tokenizer), tokenizer)

@@ -67,6 +67,8 @@ class Worker:
         self.last_heard = 0.0
         self.registered_seq: int | None = None  # the PUB sequence number at registration; None until registered
         self.forgotten = asyncio.Event()  # the coordinator answered with unknown_worker
+        # The coordinator's, from its `registered`: both sides then judge each other by the same clock.
+        self.heartbeat_s, self.liveness = cfg.heartbeat_s, cfg.liveness
         self.handlers = {p.Assign: self.on_assign, p.Release: self.on_release, p.Heartbeat: self._noop,
                          p.Error: self.on_error}
 
@@ -85,7 +87,7 @@ class Worker:
             if self.thread.busy:  # still inside a pass of a request it was dropped from: maybe hung
                 log.warning("waiting for the model thread to finish its forward pass before registering")
                 while self.thread.busy and not stop.is_set():
-                    await asyncio.sleep(self.cfg.heartbeat_s)
+                    await asyncio.sleep(self.heartbeat_s)
                 continue
             self.registered_seq = None
             try:
@@ -102,11 +104,16 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), backoff)
             except asyncio.TimeoutError:
                 pass
-            backoff = min(backoff * 2, BACKOFF_CAP_BEATS * self.cfg.heartbeat_s)
+            backoff = min(backoff * 2, BACKOFF_CAP_BEATS * self.heartbeat_s)
 
     @property
     def _first_backoff(self) -> float:
-        return self.cfg.heartbeat_s / 4
+        return self.heartbeat_s / 4
+
+    @property
+    def expiry_s(self) -> float:
+        """Silence after which the coordinator is presumed dead."""
+        return self.heartbeat_s * self.liveness
 
     async def _session(self, register: p.Register) -> None:
         """One registration: returns when the coordinator is presumed dead (silent, or it forgot this worker)."""
@@ -133,12 +140,13 @@ class Worker:
         `assign`, when requests were waiting)."""
         while True:
             try:
-                msgs = await asyncio.wait_for(self._recv(self.dealer), self.cfg.heartbeat_expiry_s)
+                msgs = await asyncio.wait_for(self._recv(self.dealer), self.expiry_s)
             except asyncio.TimeoutError:
                 raise ConnectionError("no answer to registration") from None
             for i, msg in enumerate(msgs):
                 if isinstance(msg, p.Registered):
                     self.registered_seq = msg.seq
+                    self.heartbeat_s, self.liveness = msg.heartbeat_s, msg.liveness
                     return msgs[i + 1:]
                 if isinstance(msg, p.Error):
                     raise ConfigurationError(f"coordinator refused this {self.role} worker ({msg.code}): "
@@ -166,9 +174,9 @@ class Worker:
     async def _heartbeat(self) -> None:
         """Beats until the coordinator is presumed dead, silent for the liveness window or having forgotten this
         worker, and then returns."""
-        while time.monotonic() - self.last_heard <= self.cfg.heartbeat_expiry_s:
+        while time.monotonic() - self.last_heard <= self.expiry_s:
             try:
-                await asyncio.wait_for(self.forgotten.wait(), self.cfg.heartbeat_s)
+                await asyncio.wait_for(self.forgotten.wait(), self.heartbeat_s)
                 return
             except asyncio.TimeoutError:
                 await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done))

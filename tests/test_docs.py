@@ -24,6 +24,6 @@ def test_protocol_doc_names_every_message_and_field():
             assert f"`{f.name}" in doc, f"{name}.{f.name}"
 
 
-def test_procfile_starts_the_three_services():
+def test_procfile_starts_the_services_and_the_gateway():
     procfile = dict(line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line)
-    assert procfile == {r: f"python -m services.{r}" for r in ("coordinator", "verify", "draft")}
+    assert procfile == {r: f"python -m services.{r}" for r in ("coordinator", "verify", "draft", "gateway")}

@@ -6,9 +6,10 @@ import pytest
 from amusd_mq import protocol as p
 
 SAMPLES = [
-    p.Hello(), p.Welcome(instance="i", verifiers=1, drafts=2, vocab_size=100, max_context=2048, eos_token_ids=[2],
-                         heartbeat_s=1.0),
+    p.Hello(), p.Welcome(instance="i", model="m", verifiers=1, drafts=2, vocab_size=100, max_context=2048,
+                         eos_token_ids=[2], heartbeat_s=1.0),
     p.Generate(req_id="r", max_new_tokens=5, prompt="hi"), p.Generate(req_id="r", max_new_tokens=5, prompt_ids=[1, 2]),
+    p.Generate(req_id="r", max_new_tokens=5, messages=[{"role": "user", "content": "hi"}], stop=["\n\n"]),
     p.Tokens(req_id="r", start=3, token_ids=[4, 5], text="ab"),
     p.Done(req_id="r", finish_reason="stop", prompt_ids=[1], stats={"a": 1, "b": 0.5}),
     p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(instance="i"), p.Status(),
@@ -16,7 +17,7 @@ SAMPLES = [
                   clients_lost=0),
     p.Register(role="verify", model="m", runner="native", vocab_size=9, vocab_hash="h", max_context=8,
                eos_token_ids=[], max_batch=4),
-    p.Registered(seq=3, heartbeat_s=1.0), p.Heartbeat(),
+    p.Registered(seq=3, heartbeat_s=1.0, liveness=5), p.Heartbeat(),
     p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3,
              policy="eager"),
     p.Propose(req_id="r", epoch=0, pos=0, token_ids=[7]),

@@ -101,3 +101,11 @@ def test_timings_split_draft_steps_verifier_turnaround_and_restarts(monkeypatch)
     assert summary["verify_step_ms"] == 500 and summary["verify_gap_ms"] == 500
     assert summary["draft_step_ms"] == 500  # (1 s + 0.5 s) / 3 tokens
     assert summary["restart_ms"] == 6000
+
+
+def test_stop_at_ends_at_a_stop_string_and_drops_what_follows():
+    s = Sequence(prompt_ids=[1], max_new_tokens=10, stop_token_ids=frozenset())
+    s.verdict(0, [5, 6, 7, 8], proposed=3, accepted=3)
+    s.stop_at(2)
+    assert s.committed == [5, 6] and s.finish_reason == "stop" and s.done
+    assert s.verdict(2, [9], proposed=0, accepted=0) is None

@@ -200,11 +200,31 @@ async def test_no_worker_and_no_coordinator_are_typed_errors(deploy, tmp_path):
     with pytest.raises(CoordinatorUnavailableError, match="can't connect"):
         async with AsyncClient("tcp://no port here", timeout_s=0.5):
             pass
-    d = deploy(roles=("coordinator",))
+    d = deploy(roles=("coordinator",), AMUSD_QUEUE_TIMEOUT_S=0.5)
     await d.wait_ready(verifiers=0, drafts=0, timeout_s=60)
     async with AsyncClient(d.url, timeout_s=5) as client:
-        with pytest.raises(NoWorkerError):
+        start = time.monotonic()
+        with pytest.raises(NoWorkerError, match="within 0.5s"):
             await client.generate("x", max_new_tokens=3)
+        assert time.monotonic() - start < 3  # within a heartbeat of the queue timeout
+        with pytest.raises(NoWorkerError):
+            await client.wait_ready(0.3)
+        assert (await client.status()).queued == 0
+
+
+async def test_a_request_sent_before_any_verifier_waits_for_one(deploy, reference, tiny_verify):
+    d = deploy(roles=("coordinator",))
+    await d.wait_ready(verifiers=0, drafts=0, timeout_s=60)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        early = asyncio.create_task(client.generate("Once upon a time", max_new_tokens=12))
+        await asyncio.sleep(0.5)
+        assert (await client.status()).queued == 1 and not early.done()
+        d.start("verify")
+        d.start("draft")
+        status = await client.wait_ready(120)
+        assert status.verifiers == 1
+        r = await asyncio.wait_for(early, 60)
+    assert r.token_ids == reference(tiny_verify.tokenizer("Once upon a time")["input_ids"], 12)
 
 
 @pytest.mark.parametrize("runner", ["native", "hf"])

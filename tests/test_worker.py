@@ -76,12 +76,12 @@ async def test_verify_worker_rejects_garbage_and_keeps_serving(harness, referenc
     worker = start(VerifyWorker, "tiny-verify")
     identity, reg = await coordinator.expect(p.Register, timeout=30)
     assert reg.role == "verify"
-    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5))
+    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5, liveness=5))
     version = p.PROTOCOL_VERSION
     for junk in (b"\xc1junk", msgpack.packb({"v": 7, "t": "assign"}), msgpack.packb({"v": version, "t": "nope"}),
                  msgpack.packb({"v": version, "t": [1]}), msgpack.packb({"v": version, "t": "release", b"x": 1}),
                  msgpack.packb({"v": True, "t": "release", "req_id": "r1"}),
-                 p.encode(p.Welcome(instance="i", verifiers=0, drafts=0, vocab_size=1, max_context=1,
+                 p.encode(p.Welcome(instance="i", model="m", verifiers=0, drafts=0, vocab_size=1, max_context=1,
                                     eos_token_ids=[], heartbeat_s=1.0)),
                  p.encode(assign(req_id="bad", prompt_ids=[10**6]))):
         await coordinator.send(identity, junk)
@@ -99,7 +99,7 @@ async def test_verify_worker_joins_mid_request_from_a_snapshot(harness, referenc
     coordinator, start = harness
     start(VerifyWorker, "tiny-verify")
     identity, _ = await coordinator.expect(p.Register, timeout=30)
-    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5))
+    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5, liveness=5))
     ref = reference([5, 6, 7], 8)
     await coordinator.send(identity, assign(committed=ref[:5], epoch=3))
     _, verdict = await coordinator.expect(p.Verdict)
@@ -111,7 +111,7 @@ async def test_draft_resyncs_from_a_snapshot_after_a_gap(harness, reference):
     start(DraftWorker, "tiny-draft")
     identity, reg = await coordinator.expect(p.Register, timeout=30)
     assert reg.role == "draft"
-    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5))
+    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5, liveness=5))
     await coordinator.send(identity, assign(max_new_tokens=40))
     _, first = await coordinator.expect(p.Propose)
     assert (first.epoch, first.pos) == (0, 0)
@@ -143,7 +143,7 @@ async def test_draft_rolls_back_on_a_contradicting_commit(harness):
     coordinator, start = harness
     start(DraftWorker, "tiny-draft")
     identity, _ = await coordinator.expect(p.Register, timeout=30)
-    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5))
+    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.5, liveness=5))
     await coordinator.send(identity, assign(max_new_tokens=40, lookahead=3))
     guesses = []
     while len(guesses) < 3:  # it stops at the lookahead cap
@@ -169,6 +169,20 @@ async def test_an_assign_in_the_same_frame_as_registered_is_served(harness, refe
     coordinator, start = harness
     start(VerifyWorker, "tiny-verify")
     identity, _ = await coordinator.expect(p.Register, timeout=30)
-    await coordinator.send(identity, p.encode(p.Batch([p.Registered(seq=0, heartbeat_s=0.5), assign()])))
+    await coordinator.send(identity, p.encode(p.Batch([p.Registered(seq=0, heartbeat_s=0.5, liveness=5), assign()])))
     _, verdict = await coordinator.expect(p.Verdict)
     assert verdict.req_id == "r1" and verdict.token_ids == reference([5, 6, 7], 8)[:1]
+
+
+async def test_a_worker_keeps_the_heartbeat_the_coordinator_sets(harness):
+    """Configured for beats every 0.5 s and 5 missed, a worker told 0.1 s and 2 by `registered` beats every 0.1 s
+    and, the coordinator then silent, presumes it dead after 0.2 s and registers again."""
+    coordinator, start = harness
+    start(VerifyWorker, "tiny-verify")
+    identity, _ = await coordinator.expect(p.Register, timeout=30)
+    loop = asyncio.get_running_loop()
+    registered = loop.time()
+    await coordinator.send(identity, p.Registered(seq=0, heartbeat_s=0.1, liveness=2))
+    await coordinator.expect(p.Heartbeat, timeout=0.4)
+    await coordinator.expect(p.Register, timeout=1.5)
+    assert loop.time() - registered < 1.5  # its own settings would have waited 2.5 s

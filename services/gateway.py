@@ -1,0 +1,7 @@
+"""python -m services.gateway: the OpenAI-compatible HTTP gateway. Flags and AMUSD_* variables: `amusd-mq gateway
+--help`."""
+import sys
+
+from amusd_mq.cli import main
+
+main(["gateway", *sys.argv[1:]])

@@ -1,0 +1,59 @@
+"""The client against a scripted coordinator: what it does when its own reading fails."""
+import asyncio
+import tempfile
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from amusd_mq import AsyncClient
+from amusd_mq import protocol as p
+from amusd_mq.client import ClientClosedError
+
+pytestmark = pytest.mark.asyncio
+
+
+class BrokenRouting(AsyncClient):
+    """A client with a bug: routing a pong raises."""
+
+    def _route(self, msg: p.Message) -> None:
+        if isinstance(msg, p.Pong):
+            raise RuntimeError("a bug in routing")
+        super()._route(msg)
+
+
+async def test_a_reader_that_fails_fails_every_waiting_request_at_once():
+    """Any exception in the receive loop, not only a garbled frame: every request waiting on the connection raises
+    a ClientClosedError naming it, long before the client's silence timeout."""
+    url = f"ipc://{tempfile.mkdtemp(prefix='amc-')}/c"
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(url)
+
+    async def coordinator():
+        identity, _ = await router.recv_multipart()  # hello
+        await router.send_multipart([identity, p.encode(p.Welcome(
+            instance="i", model="m", verifiers=1, drafts=0, vocab_size=300, max_context=64, eos_token_ids=[],
+            heartbeat_s=1.0))])
+        for _ in range(3):
+            await router.recv_multipart()  # the three requests, left unanswered
+        await router.send_multipart([identity, p.encode(p.Pong(instance="i"))])
+
+    script = asyncio.create_task(coordinator())
+    client = BrokenRouting(url, timeout_s=60)
+    try:
+        await client.connect()
+        waiting = [asyncio.create_task(client.generate(prompt_ids=[1, 2], max_new_tokens=4)) for _ in range(3)]
+        done, _ = await asyncio.wait(waiting, timeout=5)
+        assert len(done) == 3
+        for task in done:
+            with pytest.raises(ClientClosedError, match="a bug in routing"):
+                task.result()
+        with pytest.raises(ClientClosedError):
+            await client.generate(prompt_ids=[1], max_new_tokens=1)
+        assert "a bug in routing" in str(await asyncio.wait_for(client.wait_closed(), 1))
+    finally:
+        await client.close()
+        await script
+        router.close(0)
+        ctx.term()
