@@ -190,14 +190,15 @@ class AsyncClient:
         await self._send(msg)
         try:
             while True:
-                got = await asyncio.wait_for(self._control.get(), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    got = await self._control.get()
                 if isinstance(got, AmusdError):
                     raise got
                 if isinstance(got, reply):
                     return got
                 if isinstance(got, p.Error):
                     raise AmusdError(f"coordinator refused {msg.TYPE}: {got.message}")
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # A CURVE refusal looks the same from here as nothing listening: name it as a possible cause.
             hint = "refused this client's CURVE key" if self.keys else "requires CURVE keys, which this client lacks"
             raise CoordinatorUnavailableError(
@@ -301,7 +302,9 @@ class AsyncClient:
                     raise ERRORS[reply.code](reply.message)
         finally:
             if self._streams.pop(msg.req_id, None) is not None and not finished:
-                await self._cancel(msg.req_id)  # abandoned: closed early, broken out of, collected, or failed
+                # Abandoned: closed early, broken out of, collected, failed or cancelled. Shielded, since a task
+                # cancelled again while the cancel is being sent would otherwise leave the request running.
+                await asyncio.shield(self._cancel(msg.req_id))
 
     async def _next(self, queue: asyncio.Queue, deadline: float | None) -> p.Message:
         """The next message for a request; raises when the coordinator is silent or the client closed."""
@@ -311,8 +314,11 @@ class AsyncClient:
             if wait <= 0:
                 raise RequestTimeoutError("the request's deadline passed before it finished")
             try:
-                got = await asyncio.wait_for(queue.get(), wait)
-            except asyncio.TimeoutError:
+                # Not wait_for: on Python 3.11 it can return a message and swallow a cancel that came at the same
+                # moment, and the abandoned request would then run to its end.
+                async with asyncio.timeout(wait):
+                    got = await queue.get()
+            except TimeoutError:
                 if time.monotonic() - self._last_heard > self.timeout_s:
                     raise CoordinatorUnavailableError(
                         f"the coordinator at {self.url} has been silent for {self.timeout_s:g}s") from None

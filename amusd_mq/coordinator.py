@@ -455,8 +455,9 @@ class Coordinator:
         """End a request wherever it is. One held or still being tokenized is gone at once (None); a queued or
         running one is returned, ended, for the caller to forget once it has told whom it must."""
         rid = self.by_client[key]
-        task = self.tokenizing.pop(rid, None)
-        if task is not None or self.held.pop(rid, None) is not None:
+        if rid not in self.requests:  # held, or being tokenized
+            self.held.pop(rid, None)
+            task = self.tokenizing.pop(rid, None)
             if task is not None:
                 task.cancel()
             self._unreserve(key)

@@ -14,7 +14,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from fastapi import FastAPI, Header, Request
@@ -32,11 +32,11 @@ from .openai_api import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    Reply,
     Sampling,
     api_error,
     models_body,
 )
-from .openai_api import Response as Body
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0  # a probe or a scrape waits no longer for the coordinator's status
@@ -98,8 +98,9 @@ class Gateway:
 
     async def _ready_client(self) -> AsyncClient:
         try:
-            await asyncio.wait_for(self._connected.wait(), self.cfg.timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                await self._connected.wait()
+        except TimeoutError:
             raise CoordinatorUnavailableError(f"no coordinator answered at {self.cfg.coordinator_url} within "
                                               f"{self.cfg.timeout_s:g}s") from None
         return self._client
@@ -152,8 +153,9 @@ class Gateway:
         if self._client is None:
             return None
         try:
-            return await asyncio.wait_for(self._client.status(), HEALTH_TIMEOUT_S)
-        except (AmusdError, asyncio.TimeoutError):
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                return await self._client.status()
+        except (AmusdError, TimeoutError):
             return None
 
     # generation
@@ -167,7 +169,7 @@ class Gateway:
         if body.model not in (None, self.model):
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model!r}",
                            "invalid_request_error", "model_not_found", "model")
-        out = Body(kind, self.model)
+        out = Reply(kind, self.model)
         try:
             if not body.stream:
                 return JSONResponse(out.body(await _unless_disconnected(request, self._all(client, prompts, args))))
@@ -176,7 +178,7 @@ class Gateway:
             first = await _unless_disconnected(request, anext(events))
         except Disconnected:
             return Response(status_code=499)  # nobody reads it: the status a proxy would log
-        return StreamingResponse(_chained(first, events), media_type="text/event-stream")
+        return EventStream(first, events)
 
     async def _generate(self, client: AsyncClient, prompt: dict, args: dict,
                         on_chunk: Callable[[Chunk], None] | None = None) -> GenerationResult:
@@ -198,8 +200,8 @@ class Gateway:
         finally:
             await _cancel_all(tasks)
 
-    async def _events(self, client: AsyncClient, out: Body, prompts: list[dict], args: dict,
-                      include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, client: AsyncClient, out: Reply, prompts: list[dict], args: dict,
+                      include_usage: bool) -> AsyncGenerator[str, None]:
         """Server-sent events: every prompt's chunks as they come, then the usage if asked, then [DONE]. An error
         after the first event ends the stream with an error event, as vLLM's do."""
         events: asyncio.Queue = asyncio.Queue()
@@ -235,6 +237,21 @@ class Gateway:
             yield "data: [DONE]\n\n"
         finally:
             await _cancel_all(tasks)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed however the response ends, so that a client that disconnects
+    cancels its requests at once, not whenever the garbage collector reaches the abandoned generator."""
+
+    def __init__(self, first: str, events: AsyncGenerator[str, None]):
+        self._events = events
+        super().__init__(_chained(first, events), media_type="text/event-stream")
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
 
 
 def _sse(body: dict) -> str:

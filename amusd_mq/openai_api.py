@@ -144,7 +144,7 @@ class ChatRequest(Sampling):
         return [{"messages": [m.plain(i) for i, m in enumerate(self.messages)]}]
 
 
-class Response:
+class Reply:
     """One response's bodies: its id, time and model are shared by every chunk of a stream."""
 
     def __init__(self, kind: Literal["completion", "chat"], model: str):

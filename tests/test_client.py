@@ -57,3 +57,50 @@ async def test_a_reader_that_fails_fails_every_waiting_request_at_once():
         await script
         router.close(0)
         ctx.term()
+
+
+class CancelledAsTokensArrive(AsyncClient):
+    """Cancels its consumer in the very step a request's first tokens are delivered."""
+
+    def consume(self, **request) -> asyncio.Task:
+        self._consumer = asyncio.create_task(self.generate(**request))
+        return self._consumer
+
+    def _route(self, msg: p.Message) -> None:
+        super()._route(msg)
+        if isinstance(msg, p.Tokens):
+            self._consumer.cancel()
+
+
+async def test_a_cancel_that_comes_with_a_message_still_cancels_the_request():
+    """A request whose waiter is cancelled just as a message for it arrives must still be cancelled at the
+    coordinator (asyncio.wait_for on Python 3.11 returned the message and swallowed the cancel)."""
+    url = f"ipc://{tempfile.mkdtemp(prefix='amc-')}/c"
+    ctx = zmq.asyncio.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(url)
+
+    async def coordinator() -> p.Message:
+        identity, _ = await router.recv_multipart()  # hello
+        await router.send_multipart([identity, p.encode(p.Welcome(
+            instance="i", model="m", verifiers=1, drafts=0, vocab_size=300, max_context=64, eos_token_ids=[],
+            heartbeat_s=1.0))])
+        _, frame = await router.recv_multipart()
+        generate = p.decode(frame, 1 << 20)
+        await router.send_multipart([identity, p.encode(p.Tokens(req_id=generate.req_id, start=0, token_ids=[7],
+                                                                 text="x"))])
+        _, frame = await asyncio.wait_for(router.recv_multipart(), 5)
+        return p.decode(frame, 1 << 20)
+
+    script = asyncio.create_task(coordinator())
+    client = CancelledAsTokensArrive(url, timeout_s=5)
+    try:
+        await client.connect()
+        consumer = client.consume(prompt_ids=[1, 2], max_new_tokens=4)
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        assert isinstance(await script, p.Cancel)
+    finally:
+        await client.close()
+        router.close(0)
+        ctx.term()

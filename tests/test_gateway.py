@@ -15,7 +15,7 @@ import openai
 import pytest
 from conftest import PROMPTS
 
-from amusd_mq import AsyncClient
+from amusd_mq import AsyncClient, models
 from amusd_mq.launch import Deployment
 
 MAX_TOKENS = 16
@@ -254,9 +254,8 @@ def test_a_disconnect_frees_the_workers(served):
     response = conn.getresponse()
     assert response.status == 200 and response.read(6) == b"data: "
     conn.close()
-    with pytest.raises(openai.APITimeoutError):
-        served.client(timeout=0.5).completions.create(model=MODEL, prompt="y", max_tokens=1500, extra_body={
-            "ignore_eos": True})
+    with pytest.raises(openai.APITimeoutError), served.client(timeout=0.5) as impatient:  # closed: it hangs up
+        impatient.completions.create(model=MODEL, prompt="y", max_tokens=1500, extra_body={"ignore_eos": True})
     deadline = time.monotonic() + 2
     while (status := served.status()).cancelled < cancelled + 2 or status.active:
         assert time.monotonic() < deadline, f"the abandoned requests are not cancelled: {status}"
@@ -344,5 +343,49 @@ def test_no_verifier_in_time_is_a_503(tiny_cache):
         with pytest.raises(openai.InternalServerError) as err:
             s.client().completions.create(model=MODEL, prompt="x", max_tokens=2)
         assert err.value.status_code == 503 and "no verify worker" in str(err.value)
+    finally:
+        s.d.stop()
+
+
+def test_a_deadline_past_is_a_504(served):
+    with pytest.raises(openai.InternalServerError) as err:
+        served.client().completions.create(model=MODEL, prompt="x", max_tokens=1500,
+                                           extra_body={"ignore_eos": True, "deadline_s": 0.3})
+    assert err.value.status_code == 504 and err.value.body["type"] == "timeout"
+
+
+def test_a_chat_for_a_model_without_a_template_is_a_400(tiny_cache, tmp_path):
+    bare = tmp_path / "bare-verify"
+    shutil.copytree(models.resolve("tiny-verify", tiny_cache), bare)
+    (bare / "chat_template.jinja").unlink()
+    s = start(tiny_cache, roles=("coordinator", "verify"), AMUSD_VERIFY_MODEL=str(bare))
+    try:
+        s.wait_healthy()
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            s.client().chat.completions.create(model=str(bare), max_tokens=4,
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert s.client().completions.create(model=str(bare), prompt="hi", max_tokens=4).usage.completion_tokens
+    finally:
+        s.d.stop()
+
+
+def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(tiny_cache):
+    """The verifier killed mid-stream with no spare: the stream, already answered 200, ends with one error event
+    and [DONE]."""
+    s = start(tiny_cache, roles=("coordinator", "verify"), AMUSD_FAILOVER_S=0.5, AMUSD_VERIFY_DELAY_MS=20)
+    try:
+        s.wait_healthy()
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1500,
+                                                            "ignore_eos": True, "stream": True}),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        s.d.procs["verify"].kill()
+        events = [line for line in response.read().decode().splitlines() if line]
+        assert events[-1] == "data: [DONE]"
+        error = json.loads(events[-2].removeprefix("data: "))["error"]
+        assert error["type"] == "server_error" and error["code"] == "worker_lost"
+        assert all("choices" in json.loads(e.removeprefix("data: ")) for e in events[:-2])
     finally:
         s.d.stop()
