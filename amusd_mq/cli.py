@@ -12,6 +12,7 @@ import time
 
 from . import config as c
 from .sampling import MODES, requested
+from .transport import http_listener
 
 DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
 SERVICE_ROLES = (c.COORDINATOR, c.DRAFT, c.VERIFY)
@@ -69,9 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command in SERVICE_ROLES:
         sys.exit(run_service(args.command, cfg, c.is_set("runner", args)))
     if args.command == c.GATEWAY:
-        from .gateway import serve  # the HTTP stack loads only where it serves
-
-        sys.exit(serve(cfg))
+        sys.exit(gateway_main(cfg))
     if args.command == "generate":
         sys.exit(_run(_generate(cfg, args.prompt, max_new_tokens=args.max_new_tokens, lookahead=args.request_lookahead,
                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
@@ -82,6 +81,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(bench_main(cfg, args) if args.command == "bench" else record_main(cfg, args))
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def gateway_main(cfg: c.Config) -> int:
+    try:
+        listener = http_listener(cfg.http_host, cfg.http_port)
+    except c.ConfigurationError as exc:
+        logging.getLogger("amusd_mq").error("%s", exc)
+        return 2
+    from .gateway import serve  # the HTTP stack loads only where it serves, and after the socket listens
+
+    return serve(cfg, listener)
 
 
 def _sampling_flags(parser: argparse.ArgumentParser, seed: int | None) -> None:

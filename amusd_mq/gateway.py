@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
@@ -291,11 +292,20 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-def serve(cfg: Config) -> int:
-    """Run the gateway until SIGINT or SIGTERM."""
+class _Server(uvicorn.Server):
+    """uvicorn's server, ending with status 0 when stopped by SIGINT or SIGTERM, as the other services do: uvicorn
+    itself raises the signal again once it has shut down."""
+
+    def handle_exit(self, sig: int, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
+
+
+def serve(cfg: Config, listener: socket.socket) -> int:
+    """Serve on a listening socket until SIGINT or SIGTERM."""
     gateway = Gateway(cfg)
-    server = uvicorn.Server(uvicorn.Config(gateway.app(), host=cfg.http_host, port=cfg.http_port, loop="uvloop",
-                                           log_level=cfg.log_level.lower(), timeout_graceful_shutdown=5))
+    server = _Server(uvicorn.Config(gateway.app(), loop="uvloop", log_level=cfg.log_level.lower(),
+                                    timeout_graceful_shutdown=5))
     log.info("gateway on http://%s:%d, coordinator %s", cfg.http_host, cfg.http_port, cfg.coordinator_url)
-    server.run()
+    server.run(sockets=[listener])
     return 0

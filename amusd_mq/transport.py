@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 
+from .config import ConfigurationError
 from .protocol import Batch, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,16 @@ def ensure_free(url: str) -> None:
     finally:
         probe.close()
     raise OSError(f"another process is already listening at {url}")
+
+
+def http_listener(host: str, port: int) -> socket.socket:
+    """The gateway's HTTP socket, bound and listening: made before the HTTP stack loads, so that a request sent
+    while the gateway starts waits in the kernel's backlog instead of being refused."""
+    try:
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=2048)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot listen on http://{host}:{port}: {exc}") from None
 
 
 def make_socket(ctx: zmq.asyncio.Context, kind: int, max_bytes: int) -> zmq.asyncio.Socket:

@@ -97,7 +97,7 @@ class Served:
 
 def start(tiny_cache: str, roles=("coordinator", "verify", "draft"), **env) -> Served:
     sock_dir = tempfile.mkdtemp(prefix="amg-")
-    port = free_port()
+    port = int(env.pop("AMUSD_HTTP_PORT", 0)) or free_port()
     d = Deployment({"AMUSD_COORDINATOR_URL": f"ipc://{sock_dir}/c", "AMUSD_DRAFT_MODEL": "tiny-draft",
                     "AMUSD_VERIFY_MODEL": MODEL, "AMUSD_DTYPE": "float32", "AMUSD_CACHE_DIR": tiny_cache,
                     "AMUSD_THREADS": "1", "AMUSD_HEARTBEAT_S": "0.25", "AMUSD_HTTP_PORT": str(port),
@@ -389,3 +389,15 @@ def test_a_failure_after_the_first_token_ends_the_stream_with_an_error_event(tin
         assert all("choices" in json.loads(e.removeprefix("data: ")) for e in events[:-2])
     finally:
         s.d.stop()
+
+
+def test_a_taken_port_is_a_clear_error_and_exit_code_2(tiny_cache):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        s = start(tiny_cache, roles=(), AMUSD_HTTP_PORT=taken.getsockname()[1])
+        try:
+            assert s.d.procs["gateway"].wait(30) == 2
+            assert "cannot listen on http://127.0.0.1" in s.d.log_tail("gateway")
+        finally:
+            s.d.stop()

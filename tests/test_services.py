@@ -2,6 +2,7 @@
 import asyncio
 import os
 import signal
+import socket
 import time
 
 import msgpack
@@ -278,11 +279,14 @@ async def test_vocabulary_mismatch_is_refused(deploy, odd_draft):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_signals_stop_every_service_within_5s(deploy, sig):
     d = deploy(AMUSD_VERIFY_DELAY_MS=50, AMUSD_DRAFT_DELAY_MS=20)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        d.start("gateway", AMUSD_HTTP_PORT=str(s.getsockname()[1]))
     await d.wait_ready(timeout_s=120)
     async with AsyncClient(d.url, timeout_s=30) as client:
         gen = asyncio.create_task(client.generate("def fib(n):", max_new_tokens=200))
         await asyncio.sleep(1.0)  # mid-generation: forward passes are running
-        for name in ("draft", "verify", "coordinator"):
+        for name in ("gateway", "draft", "verify", "coordinator"):
             proc = d.procs[name]
             start = time.monotonic()
             proc.send_signal(sig)
