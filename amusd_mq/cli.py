@@ -251,30 +251,16 @@ async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
 
 async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Event) -> None:
     from .draft import DraftWorker
+    from .runtime.load import warm_for_role
     from .runtime.thread import ModelThread
     from .tasks import first_to_end
     from .verify import VerifyWorker
 
     thread = ModelThread(cfg.threads)
-    loading = await first_to_end(stop, [thread.submit(_load_warm, cfg, role, runner_chosen)])
+    loading = await first_to_end(stop, [thread.submit(warm_for_role, cfg, role, runner_chosen)])
     if loading is None:
         return
     await (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, loading.result(), thread).run(stop)
-
-
-def _load_warm(cfg: c.Config, role: str, runner_chosen: bool = False):
-    from .runtime.load import for_role
-    from .vocab import TRACE_PREFIX
-
-    if cfg.model_of(role)[0].startswith(TRACE_PREFIX):
-        from .bench.trace import TraceLM  # a benchmark's replay of a model: only benchmark deployments name one
-
-        lm = TraceLM.for_role(cfg, role)
-    else:
-        lm = for_role(cfg, role, runner_chosen)
-    logging.getLogger("amusd_mq").info("%s: %s runner", lm.name, lm.runner)
-    lm.warm_up()
-    return lm
 
 
 async def _generate(cfg: c.Config, prompt: str, **request) -> int:
@@ -337,9 +323,10 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     import torch
 
     from .bench.baselines import autoregressive, explain_difference
+    from .runtime.load import warm_for_role
 
     torch.set_num_threads(ar_threads)
-    lm = _load_warm(cfg, c.VERIFY)
+    lm = warm_for_role(cfg, c.VERIFY)
     start = time.perf_counter()
     ar_ids = autoregressive(lm, result.prompt_ids, max_new_tokens, lm.eos_token_ids).token_ids
     ar_s = time.perf_counter() - start

@@ -19,12 +19,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import config as c
-from ..runtime.load import for_role
+from ..runtime.load import warm_for_role
 from ..sampling import GREEDY, Sampling
-from ..vocab import TRACE_PREFIX
 from . import simulate
 from .baselines import autoregressive, explain_difference, speculative_sync
-from .trace import LatencyProfile, Trace, TracedPrompt, TraceLM, spend, trace_prompt
+from .trace import LatencyProfile, Trace, TracedPrompt, spend, trace_prompt
 
 AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
 SERVICE_STRATEGIES = {"async": "eager", "amusd-policy": "amusd"}  # -> the verifier's policy
@@ -91,14 +90,8 @@ class Bench:
 
     def load_models(self):
         """The models `ar` and `sd` run on: the services' own, through the same runner."""
-        def load(role):
-            traced = self.cfg.model_of(role)[0].startswith(TRACE_PREFIX)
-            lm = TraceLM.for_role(self.cfg, role) if traced else for_role(self.cfg, role)
-            lm.warm_up()
-            return lm
-
-        self.draft = load(c.DRAFT)
-        self.verify = load(c.VERIFY)
+        self.draft = warm_for_role(self.cfg, c.DRAFT)
+        self.verify = warm_for_role(self.cfg, c.VERIFY)
 
     def run(self) -> dict:
         import torch

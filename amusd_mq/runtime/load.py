@@ -8,7 +8,7 @@ import torch
 
 from .. import models
 from ..config import Config
-from ..vocab import tokenizer_hash
+from ..vocab import TRACE_PREFIX, tokenizer_hash
 from .hf import HFLM
 from .lm import DTYPES, LM, RUNNERS, ModelInfo
 from .native import NativeLM, NativeModel, UnsupportedModel
@@ -20,6 +20,20 @@ def for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
     """The model a worker of `role` serves, as the settings describe it."""
     name, device = cfg.model_of(role)
     return load(name, device, cfg.dtype, cfg.cache_dir, cfg.runner, cfg.max_batch, cfg.max_context, runner_chosen)
+
+
+def warm_for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
+    """The model a worker of `role` serves, warmed up. A `trace:` model is a benchmark's replay of one: only
+    benchmark deployments name one, so only they load the benchmark code."""
+    if cfg.model_of(role)[0].startswith(TRACE_PREFIX):
+        from ..bench.trace import TraceLM  # bench.trace builds on this package: imported where a trace is served
+
+        lm = TraceLM.for_role(cfg, role)
+    else:
+        lm = for_role(cfg, role, runner_chosen)
+    log.info("%s: %s runner", lm.name, lm.runner)
+    lm.warm_up()
+    return lm
 
 
 def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,
