@@ -71,6 +71,13 @@ class Sampling(BaseModel):
             raise ValueError("only n=1 is supported: each choice would be another request, so send several")
         return n
 
+    @field_validator("echo", "logprobs", check_fields=False)  # the subclasses' fields, each of its own type
+    @classmethod
+    def _unsupported(cls, value):
+        if value:
+            raise ValueError("not supported")
+        return value
+
     def arguments(self, default_max_tokens: int) -> dict:
         """AsyncClient.stream's arguments, the prompt aside."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -87,13 +94,6 @@ class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
-
-    @field_validator("echo", "logprobs")
-    @classmethod
-    def _unsupported(cls, value):
-        if value:
-            raise ValueError("not supported")
-        return value
 
     def prompts(self) -> list[dict]:
         """One prompt argument per choice: a list of strings or of token-id lists is several prompts."""
@@ -127,13 +127,6 @@ class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
-
-    @field_validator("logprobs")
-    @classmethod
-    def _unsupported(cls, value):
-        if value:
-            raise ValueError("not supported")
-        return value
 
     def arguments(self, default_max_tokens: int) -> dict:
         args = super().arguments(default_max_tokens)

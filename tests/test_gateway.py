@@ -235,6 +235,9 @@ def test_bad_parameters_get_openai_errors(served):
         assert err.value.status_code == 400 and err.value.body["type"] == "invalid_request_error", kwargs
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model=MODEL, max_tokens=4, logprobs=True,
+                                       messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="only text"):
         client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}])
