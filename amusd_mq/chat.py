@@ -1,15 +1,11 @@
-"""Chat prompts: messages rendered with the verify model's own chat template, as transformers renders them
-(and so as vLLM and SGLang do), so that a chat request here is the prompt the model was trained on."""
+"""Chat prompts: messages rendered with the verify model's own chat template by transformers' own
+`apply_chat_template` (as vLLM and SGLang render them), so that a chat request here is the prompt the model was
+trained on."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from jinja2 import TemplateError
-from transformers.utils.chat_template_utils import render_jinja_template
-
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")  # what templates may refer to by name
 
 
 class ChatError(ValueError):
@@ -18,24 +14,15 @@ class ChatError(ValueError):
 
 @dataclass(frozen=True)
 class ChatTemplate:
-    source: str
-    special: dict[str, str]
+    tokenizer: object  # transformers' tokenizer of the model, which holds the template and its special tokens
 
     @classmethod
-    def load(cls, model_dir: Path) -> ChatTemplate | None:
-        """The template saved with a model (chat_template.jinja, or tokenizer_config.json's chat_template), if any."""
-        config_file = model_dir / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
-        source = config.get("chat_template")
-        if isinstance(source, list):  # named templates: the default one serves plain chats
-            source = {t.get("name"): t.get("template") for t in source}.get("default")
-        if (model_dir / "chat_template.jinja").exists():
-            source = (model_dir / "chat_template.jinja").read_text()
-        if not source:
+    def of(cls, tokenizer) -> ChatTemplate | None:
+        """The template a tokenizer was loaded with (a named set serves plain chats with its default), if any."""
+        try:
+            return cls(tokenizer) if tokenizer.chat_template and tokenizer.get_chat_template() else None
+        except ValueError:  # named templates without a default
             return None
-        special = {name: value.get("content") if isinstance(value, dict) else value
-                   for name in SPECIAL_TOKENS if (value := config.get(name))}
-        return cls(source, special)
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text for a chat, ending where the assistant's reply begins."""
@@ -43,8 +30,6 @@ class ChatTemplate:
             if "role" not in msg or "content" not in msg:
                 raise ChatError(f"messages[{i}] needs a 'role' and a 'content'")
         try:
-            (rendered,), _ = render_jinja_template([messages], chat_template=self.source, add_generation_prompt=True,
-                                                   **self.special)
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except TemplateError as exc:
             raise ChatError(f"the chat template refused these messages: {exc}") from None
-        return rendered

@@ -133,12 +133,11 @@ def _dataset_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _tokenized(cfg: c.Config, args) -> list[tuple[str, list[int]]]:
-    from transformers import AutoTokenizer
-
     from . import models
     from .bench import datasets
+    from .vocab import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(cfg.verify_model, cfg.cache_dir))
+    tokenizer = load_tokenizer(models.resolve(cfg.verify_model, cfg.cache_dir))
     return [(pid, tokenizer(text)["input_ids"]) for pid, text in datasets.load(args.dataset, args.prompts)]
 
 

@@ -1,8 +1,12 @@
 """The vocabulary a deployment serves: the verify model's tokenizer, the hash that names its id mapping, and its
 chat template.
 
-The coordinator loads it from its own configuration (`AMUSD_VERIFY_MODEL`), so which workers it admits
-never depends on who registers first: a worker whose hash differs is refused, whatever the order.
+Every service loads a model's tokenizer through `load_tokenizer` and names its mapping through
+`Vocabulary.of`, so the coordinator and the workers can't disagree about one model: transformers adds at load
+time what a model's files leave to it (a special token named in tokenizer_config.json but missing from
+tokenizer.json), which a second way of loading the files would not see. The coordinator loads the vocabulary
+from its own configuration (`AMUSD_VERIFY_MODEL`), so which workers it admits never depends on who registers
+first: a worker whose hash differs is refused, whatever the order.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
+from transformers import AutoTokenizer
 
 from . import models
 from .chat import ChatTemplate
@@ -22,14 +27,27 @@ TRACE_PREFIX = "trace:"  # a model name replaying a recorded trace (benchmarks):
 @dataclass(frozen=True)
 class Vocabulary:
     hash: str
-    tokenizer: Tokenizer | None  # None for a trace replay, which takes prompt_ids only
+    tokenizer: Tokenizer | None  # what encodes prompts and decodes output; None for a trace replay (ids only)
     chat: ChatTemplate | None = None  # None when the model has no chat template
 
+    @classmethod
+    def of(cls, tokenizer) -> Vocabulary:
+        """The vocabulary of transformers' tokenizer as `load_tokenizer` loaded it. The hash covers the token-id
+        mapping, added tokens included: draft and verify must agree on it."""
+        backend = tokenizer.backend_tokenizer
+        mapping = sorted(backend.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+        digest = hashlib.sha256(json.dumps(mapping, ensure_ascii=False).encode()).hexdigest()
+        return cls(digest, backend, ChatTemplate.of(tokenizer))
 
-def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    """Identifies the token-id mapping, added tokens included: draft and verify must agree on it."""
-    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+def load_tokenizer(path: str):
+    """transformers' tokenizer of a model directory or hub id: the one loader of every service."""
+    if Path(path).is_dir() and not (Path(path) / "tokenizer.json").exists():
+        raise ValueError(f"{path} has no tokenizer.json (a fast tokenizer's file, which every service loads)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ValueError(f"{path}: transformers loaded no fast tokenizer; save one with the model (tokenizer.json)")
+    return tokenizer
 
 
 def trace_hash(verify_model: str, vocab_size: int) -> str:
@@ -42,11 +60,4 @@ def load(model: str, cache_dir: str | None) -> Vocabulary:
     if model.startswith(TRACE_PREFIX):
         head = json.loads(Path(model[len(TRACE_PREFIX):]).read_text())
         return Vocabulary(trace_hash(head["verify_model"], head["vocab_size"]), None)
-    path = Path(models.resolve(model, cache_dir))
-    if path.is_dir():
-        if not (path / "tokenizer.json").exists():
-            raise ValueError(f"{model}: {path} has no tokenizer.json")
-        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        return Vocabulary(tokenizer_hash(tokenizer), tokenizer, ChatTemplate.load(path))
-    tokenizer = Tokenizer.from_pretrained(model)
-    return Vocabulary(tokenizer_hash(tokenizer), tokenizer)
+    return Vocabulary.of(load_tokenizer(models.resolve(model, cache_dir)))

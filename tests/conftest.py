@@ -84,6 +84,32 @@ def odd_draft(tiny_cache, tmp_path_factory) -> str:
     return str(odd)
 
 
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory) -> str:
+    """A model saved the usual way: a tokenizer made with PreTrainedTokenizerFast whose eos is a custom special token
+    set after it was made, so tokenizer.json leaves it for transformers to add when it loads the files, and
+    save_pretrained for both."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("saved") / "saved-model"
+    bpe = Tokenizer(tokenizer_models.BPE(vocab={ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                         merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    bpe.decoder = decoders.ByteLevel()
+    made = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    made.eos_token = "<|turn_end|>"
+    made.save_pretrained(out)
+    loaded = AutoTokenizer.from_pretrained(out)
+    config = LlamaConfig(vocab_size=len(loaded), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=loaded.eos_token_id, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return str(out)
+
+
 async def raw_exchange(url: str, frames: list[list[bytes]], timeout_s: float = 10.0) -> list[p.Message]:
     """Send raw frames from a bare DEALER, one at a time, and collect the coordinator's reply to each."""
     ctx = zmq.asyncio.Context()

@@ -1,6 +1,3 @@
-import json
-from pathlib import Path
-
 import pytest
 from transformers import AutoTokenizer
 
@@ -11,29 +8,32 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
         {"role": "assistant", "content": "[1, 2, 3]"}, {"role": "user", "content": "Now descending, ünïcode."}]
 
 
+def _tokenizer(template):
+    tokenizer = models.tiny_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
 def test_a_chat_renders_as_transformers_renders_it(tiny_cache):
-    path = models.resolve("tiny-verify", tiny_cache)
-    expected = AutoTokenizer.from_pretrained(path).apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
-    assert ChatTemplate.load(Path(path)).render(CHAT) == expected
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve("tiny-verify", tiny_cache))
+    expected = tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert ChatTemplate.of(tokenizer).render(CHAT) == expected
 
 
-def test_templates_in_the_tokenizer_config_and_their_special_tokens_are_used(tmp_path):
-    template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{{ eos_token }}"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "chat_template": [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": template}],
-        "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
-    assert ChatTemplate.load(tmp_path).render(CHAT[:2]) == "<s>[system]Be brief.[user]Sort [3, 1, 2].</s>"
+def test_named_templates_serve_chats_with_the_default_one_and_its_special_tokens():
+    template = "{{ eos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{{ eos_token }}"
+    chat = ChatTemplate.of(_tokenizer({"tool_use": "tools", "default": template}))
+    assert chat.render(CHAT[:2]) == "<|endoftext|>[system]Be brief.[user]Sort [3, 1, 2].<|endoftext|>"
+    assert ChatTemplate.of(_tokenizer({"tool_use": "tools"})) is None  # no default for a plain chat
 
 
-def test_a_model_without_a_template_has_none(tmp_path):
-    (tmp_path / "tokenizer_config.json").write_text("{}")
-    assert ChatTemplate.load(tmp_path) is None
+def test_a_model_without_a_template_has_none():
+    assert ChatTemplate.of(_tokenizer(None)) is None
 
 
-def test_messages_the_template_refuses_are_a_chat_error(tmp_path):
-    (tmp_path / "chat_template.jinja").write_text(
-        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}ok")
-    template = ChatTemplate.load(tmp_path)
+def test_messages_the_template_refuses_are_a_chat_error():
+    template = ChatTemplate.of(_tokenizer(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}ok"))
     assert template.render([{"role": "user", "content": "hi"}]) == "ok"
     with pytest.raises(ChatError, match="user first"):
         template.render([{"role": "assistant", "content": "hi"}])

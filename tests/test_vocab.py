@@ -2,8 +2,10 @@
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from amusd_mq import vocab
+from amusd_mq import AsyncClient, vocab
 from amusd_mq.runtime.load import load
 
 
@@ -12,6 +14,12 @@ def test_the_coordinators_vocabulary_is_the_workers(tiny_cache, tiny_verify, tin
     assert served.hash == tiny_verify.info.vocab_hash
     assert served.hash == tiny_draft.info.vocab_hash  # the pair shares one
     assert served.tokenizer.encode("def fib(n):").ids == tiny_verify.tokenizer("def fib(n):")["input_ids"]
+
+
+def test_a_token_transformers_adds_at_load_time_is_in_both_vocabularies(saved_model):
+    served = vocab.load(saved_model, None)
+    assert "<|turn_end|>" in served.tokenizer.get_vocab(with_added_tokens=True)
+    assert served.hash == load(saved_model, "cpu", "float32").info.vocab_hash
 
 
 def test_one_added_token_is_another_vocabulary(tiny_cache, odd_draft):
@@ -29,3 +37,19 @@ def test_a_trace_stands_for_the_model_it_was_recorded_from(tmp_path):
 def test_a_directory_without_a_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no tokenizer.json"):
         vocab.load(str(tmp_path), None)
+
+
+@pytest.mark.asyncio
+async def test_a_model_saved_by_save_pretrained_is_served_greedy_identical(deploy, saved_model):
+    d = deploy(AMUSD_VERIFY_MODEL=saved_model, AMUSD_DRAFT_MODEL=saved_model)
+    await d.wait_ready(timeout_s=120)
+    model = AutoModelForCausalLM.from_pretrained(saved_model, dtype=torch.float32).eval()
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        for prompt in ("def fib(n):", "Hello, world"):
+            result = await client.generate(prompt, max_new_tokens=24)
+            with torch.inference_mode():
+                ids = torch.tensor([result.prompt_ids])
+                expected = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=24, pad_token_id=0)[0, ids.shape[1]:].tolist()
+            assert result.token_ids == expected
+            assert result.prompt_ids == vocab.load_tokenizer(saved_model)(prompt)["input_ids"]

@@ -8,7 +8,7 @@ import torch
 
 from .. import models
 from ..config import Config
-from ..vocab import TRACE_PREFIX, tokenizer_hash
+from ..vocab import TRACE_PREFIX, Vocabulary, load_tokenizer
 from .hf import HFLM
 from .lm import DTYPES, LM, RUNNERS, ModelInfo
 from .native import NativeLM, NativeModel, UnsupportedModel
@@ -40,7 +40,7 @@ def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str 
          runner: str = "native", slots: int = 4, max_context: int = 4096, runner_chosen: bool = True) -> LM:
     """The model `name` (an alias, a directory or a hub id) on `device`, computed by `runner`. A model the native
     runner doesn't know is an error when `native` was chosen (runner_chosen), else it falls back to transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
@@ -48,7 +48,7 @@ def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str 
         raise ValueError(f"runner must be one of {RUNNERS}, not {runner!r}")
     path = models.resolve(name, cache_dir)
     config = AutoConfig.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
     except OSError:  # no generation_config.json: the model config's own
@@ -56,7 +56,7 @@ def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str 
     info = ModelInfo(name=name, vocab_size=config.vocab_size,
                      max_context=min(config.max_position_embeddings, max_context),
                      eos_token_ids=sorted({eos} if isinstance(eos, int) else set(eos or [])),
-                     vocab_hash=tokenizer_hash(tokenizer.backend_tokenizer))
+                     vocab_hash=Vocabulary.of(tokenizer).hash)
     target, torch_dtype = torch.device(device), DTYPES[dtype]
     if runner == "native":
         try:
