@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = c.load(args)
         if args.command in (*SERVICE_ROLES, c.GATEWAY, "generate"):
             _check_keys(cfg, c.CLIENT if args.command == "generate" else args.command)
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ValueError as exc:  # a setting past its bound: refused before anything starts, as a misconfiguration
+        parser.exit(2, f"amusd-mq {args.command}: {exc}\n")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command in SERVICE_ROLES:
         sys.exit(run_service(args.command, cfg, c.is_set("runner", args)))
@@ -255,7 +255,12 @@ async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Eve
     from .tasks import first_to_end
     from .verify import VerifyWorker
 
-    thread = ModelThread(cfg.threads)
+    threads = cfg.threads_of(role)
+    logging.getLogger("amusd_mq").info("%s worker: %d torch thread%s (%s)", role, threads, "s" * (threads > 1),
+                                       "AMUSD_THREADS" if cfg.threads else
+                                       f"{len(os.sched_getaffinity(0))} cores shared by the workers on CPU devices; "
+                                       f"AMUSD_THREADS sets it")
+    thread = ModelThread(threads)
     loading = await first_to_end(stop, [thread.submit(warm_for_role, cfg, role, runner_chosen)])
     if loading is None:
         return
@@ -295,14 +300,13 @@ def print_stats(finish_reason: str, stats: dict) -> None:
 def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     """Bring up coordinator, verify and draft as child processes, generate, compare, tear down."""
     from . import models
-    from .launch import Deployment, ServiceExited, service_env, worker_threads
+    from .launch import Deployment, ServiceExited, service_env
 
     print(f"draft  model: {cfg.draft_model} on {cfg.draft_device}")
     print(f"verify model: {cfg.verify_model} on {cfg.verify_device}")
     for name in (cfg.draft_model, cfg.verify_model):
         models.resolve(name, cfg.cache_dir)  # download and convert here, with progress bars, before the services
     signal.signal(signal.SIGTERM, _exit_on_signal)  # so the finally below stops the children
-    threads = worker_threads(cfg)
     with tempfile.TemporaryDirectory(prefix="amusd-demo-") as tmp:
         url = f"ipc://{tmp}/coordinator"
         deployment = Deployment(service_env(cfg, url), log_dir=f"{tmp}/logs")
@@ -317,7 +321,7 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
             return 1
         finally:
             deployment.stop()
-    ar_threads = os.cpu_count() or 1
+    ar_threads = len(os.sched_getaffinity(0))
     print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
     import torch
 
@@ -331,7 +335,7 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     ar_s = time.perf_counter() - start
     spec_rate = result.stats["tokens_per_s"]
     print(f"{'':<22}{'speculative':>14}{'verify alone':>14}")
-    print(f"{'CPU threads':<22}{f'{threads}+{threads}':>14}{ar_threads:>14}")
+    print(f"{'CPU threads':<22}{f'{cfg.threads_of(c.DRAFT)}+{cfg.threads_of(c.VERIFY)}':>14}{ar_threads:>14}")
     print(f"{'tokens':<22}{len(result.token_ids):>14}{len(ar_ids):>14}")
     print(f"{'tokens/s':<22}{spec_rate:>14.2f}{len(ar_ids) / ar_s:>14.2f}")
     print(f"{'speedup':<22}{spec_rate * ar_s / len(ar_ids):>13.2f}x")

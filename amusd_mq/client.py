@@ -18,7 +18,7 @@ import zmq
 import zmq.asyncio
 
 from . import protocol as p
-from .config import CLIENT, load
+from .config import BY_NAME, CLIENT, load
 from .sampling import requested
 from .security import load_keys, secure
 from .transport import make_socket, recv, send
@@ -66,6 +66,7 @@ ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoW
           "invalid_request": InvalidRequestError, "field": InvalidRequestError, "queue_full": OverloadedError,
           "too_many_requests": OverloadedError}
 READY_POLL_S = 0.1
+LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
 CANCEL_LINGER_MS = 200  # how long close() gives its cancels to leave when the coordinator is slow to take them
 
 
@@ -373,8 +374,8 @@ def _request(prompt, prompt_ids, messages, max_new_tokens, stop_token_ids, stop,
         raise InvalidRequestError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
     if not all(map(_id, stop_token_ids)):
         raise InvalidRequestError("stop_token_ids must be token ids (non-negative ints)")
-    if lookahead is not None and (not _id(lookahead) or lookahead < 1):
-        raise InvalidRequestError(f"lookahead must be a positive int, not {lookahead!r}")
+    if lookahead is not None and (not _id(lookahead) or not LOOKAHEAD.bound.admits(lookahead)):
+        raise InvalidRequestError(f"lookahead must be an int {LOOKAHEAD.bound}, not {lookahead!r}")
     return p.Generate(req_id=uuid.uuid4().hex, max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
                       messages=messages, stop_token_ids=stop_token_ids, stop=stop, ignore_eos=bool(ignore_eos),
                       lookahead=lookahead)

@@ -20,16 +20,16 @@ from . import protocol as p
 from . import vocab
 from .admission import Admission, Refused
 from .chat import ChatError
-from .config import COORDINATOR, DRAFT, VERIFY, Config, ConfigurationError
+from .config import BY_NAME, COORDINATOR, DRAFT, VERIFY, Config, ConfigurationError, pub_url
 from .detokenize import TextStream
 from .sampling import Sampling, proposal_problem, requested
 from .security import Gate, load_keys, secure
 from .sequence import Sequence
 from .tasks import TaskEnded, first_to_end
-from .transport import Rejects, ensure_free, make_socket, pub_url, recv, send, send_all
+from .transport import Rejects, ensure_free, make_socket, recv, send, send_all
 
 log = logging.getLogger(__name__)
-MAX_LOOKAHEAD = 64
+LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
 POLICIES = ("eager", "amusd")
 # A prompt longer than the context at this many UTF-8 bytes per token can't fit, and is refused before it is
 # tokenized: tokenizing costs about 2 s per MiB, which a few megabytes from one client would make a stall.
@@ -409,8 +409,8 @@ class Coordinator:
         if msg.max_new_tokens < 1:
             raise RequestError("invalid_request", "max_new_tokens must be at least 1")
         lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
-        if not 1 <= lookahead <= MAX_LOOKAHEAD:
-            raise RequestError("invalid_request", f"lookahead must be in [1, {MAX_LOOKAHEAD}], not {lookahead}")
+        if not LOOKAHEAD.bound.admits(lookahead):
+            raise RequestError("invalid_request", f"lookahead must be {LOOKAHEAD.bound}, not {lookahead}")
         if msg.policy not in POLICIES:
             raise RequestError("invalid_request", f"policy must be one of {POLICIES}, not {msg.policy!r}")
         return info, lookahead

@@ -23,18 +23,13 @@ class ServiceExited(RuntimeError):
     pass
 
 
-def worker_threads(cfg) -> int:
-    """Torch threads per worker: as configured, else half the cores, since a draft and a verifier share them."""
-    return cfg.threads or max(1, (os.cpu_count() or 2) // 2)
-
-
 def service_env(cfg, url: str) -> dict[str, str]:
     """The environment that starts services with cfg's models, devices and dtype on the coordinator at url."""
     return {"AMUSD_COORDINATOR_URL": url, "AMUSD_DRAFT_MODEL": cfg.draft_model, "AMUSD_VERIFY_MODEL": cfg.verify_model,
             "AMUSD_DRAFT_DEVICE": cfg.draft_device, "AMUSD_VERIFY_DEVICE": cfg.verify_device, "AMUSD_DTYPE": cfg.dtype,
             "AMUSD_RUNNER": cfg.runner, "AMUSD_MAX_CONTEXT": str(cfg.max_context),
             "AMUSD_MAX_BATCH": str(cfg.max_batch),
-            "AMUSD_LOOKAHEAD": str(cfg.lookahead), "AMUSD_THREADS": str(worker_threads(cfg)),
+            "AMUSD_LOOKAHEAD": str(cfg.lookahead), "AMUSD_THREADS": str(cfg.threads),
             "AMUSD_CACHE_DIR": cfg.cache_dir, "AMUSD_TRACE_COMPUTE": cfg.trace_compute}
 
 

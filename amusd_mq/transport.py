@@ -19,19 +19,6 @@ from .protocol import Batch, Message, ProtocolError, decode, encode
 log = logging.getLogger(__name__)
 
 
-def pub_url(url: str) -> str:
-    """The coordinator's PUB address, derived from its ROUTER address so one URL configures everything."""
-    parts = urlsplit(url)
-    if parts.scheme == "tcp":
-        host, _, port = parts.netloc.rpartition(":")
-        if not port.isdigit():
-            raise ValueError(f"{url}: a tcp address needs an explicit port")
-        return f"tcp://{host}:{int(port) + 1}"
-    if parts.scheme in ("ipc", "inproc"):
-        return url + ".pub"
-    raise ValueError(f"{url}: unsupported transport {parts.scheme!r} (use tcp://, ipc:// or inproc://)")
-
-
 def ensure_free(url: str) -> None:
     """Refuse to bind where another process listens. tcp refuses by itself; an ipc bind would silently take
     the path over, leaving two coordinators, each with part of the clients and workers."""

@@ -147,7 +147,7 @@ async def test_bad_requests_get_clear_errors(deploy):
 
 
 async def test_malformed_messages_are_rejected_counted_and_survived(deploy, reference, tiny_verify):
-    d = deploy(AMUSD_MAX_MESSAGE_BYTES=4096)
+    d = deploy(AMUSD_MAX_MESSAGE_BYTES=100_000, AMUSD_MAX_CONTEXT=2048)
     await d.wait_ready(timeout_s=120)
     body = {"v": p.PROTOCOL_VERSION}
     frames = {
@@ -155,7 +155,7 @@ async def test_malformed_messages_are_rejected_counted_and_survived(deploy, refe
         "version": [msgpack.packb({"v": 999, "t": "hello"})],
         "unknown_type": [msgpack.packb({**body, "t": "format_disk"})],
         "field": [msgpack.packb({**body, "t": "generate", "req_id": 7, "max_new_tokens": 1})],
-        "oversized": [b"\x00" * 5000],
+        "oversized": [b"\x00" * 100_001],
         "unexpected_type": [p.encode(p.Commit(seq=1, req_id="x", epoch=0, start=0, token_ids=[], done=False,
                                               lookahead=1))],
         "unknown_worker": [p.encode(p.Verdict(req_id="x", start=0, token_ids=[1], proposed=0, accepted=0, epoch=0,

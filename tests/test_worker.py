@@ -13,7 +13,7 @@ from amusd_mq import protocol as p
 from amusd_mq.draft import DraftWorker
 from amusd_mq.runtime.load import load
 from amusd_mq.runtime.thread import ModelThread
-from amusd_mq.transport import pub_url
+from amusd_mq.config import pub_url
 from amusd_mq.verify import VerifyWorker
 
 pytestmark = pytest.mark.asyncio

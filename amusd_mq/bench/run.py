@@ -97,7 +97,7 @@ class Bench:
         import torch
         from tqdm import tqdm
 
-        from ..launch import Deployment, service_env, worker_threads
+        from ..launch import Deployment, service_env
 
         self.load_models()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +127,7 @@ class Bench:
         # The ideal of each run uses step times measured on the resources it ran on: all threads in this
         # process for ar and sd, the workers' share for the services.
         self.profiles = {"here": self._profile()}
-        torch.set_num_threads(worker_threads(self.cfg))
+        torch.set_num_threads(self.cfg.threads_of(c.VERIFY))
         self.profiles["workers"] = self._profile()
         for r in self.results:
             if self.sampling.mode == "exact":

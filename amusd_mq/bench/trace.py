@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import TRACE_COMPUTE
 from ..runtime.hf import HFLM
 from ..runtime.lm import DTYPES, LM, Feed, ModelInfo, Session
 from ..runtime.native import NativeLM, NativeModel
@@ -163,7 +164,7 @@ class TraceLM(LM):
                                      max_context)
             self.runner = self.compute.runner
         else:
-            raise ValueError(f"trace compute must be latency:PROFILE.json or shape:DRAFT,VERIFY, not {compute!r}")
+            raise ValueError(f"trace compute must be {TRACE_COMPUTE}, not {compute!r}")
         super().__init__(ModelInfo(name=spec, vocab_size=self.trace.vocab_size,
                                    max_context=max_context if self.compute else 1 << 20,
                                    eos_token_ids=self.trace.eos_token_ids,

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import config
 from ..sampling import GREEDY, Sampling
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RUNNERS = ("native", "hf")
+DTYPES = {name: getattr(torch, name) for name in config.DTYPES}
 
 
 @dataclass(frozen=True)

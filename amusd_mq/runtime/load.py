@@ -7,10 +7,10 @@ import logging
 import torch
 
 from .. import models
-from ..config import Config
+from ..config import RUNNERS, Config
 from ..vocab import TRACE_PREFIX, Vocabulary, load_tokenizer
 from .hf import HFLM
-from .lm import DTYPES, LM, RUNNERS, ModelInfo
+from .lm import DTYPES, LM, ModelInfo
 from .native import NativeLM, NativeModel, UnsupportedModel
 
 log = logging.getLogger(__name__)
