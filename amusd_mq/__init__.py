@@ -11,9 +11,10 @@ from .client import (
                      OverloadedError,
                      RequestFailedError,
                      RequestTimeoutError,
+                     RequestTooLargeError,
 )
 from .protocol import PROTOCOL_VERSION
 
 __all__ = ["AsyncClient", "Chunk", "GenerationResult", "AmusdError", "ClientClosedError", "CoordinatorUnavailableError",
            "NoWorkerError", "InvalidRequestError", "OverloadedError", "RequestFailedError", "RequestTimeoutError",
-           "PROTOCOL_VERSION"]
+           "RequestTooLargeError", "PROTOCOL_VERSION"]

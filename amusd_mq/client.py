@@ -9,8 +9,10 @@ cancel their requests. Every error a caller sees is an AmusdError.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -22,6 +24,8 @@ from .config import BY_NAME, CLIENT, load
 from .sampling import requested
 from .security import load_keys, secure
 from .transport import make_socket, recv, send
+
+log = logging.getLogger(__name__)
 
 
 class AmusdError(Exception):
@@ -49,6 +53,10 @@ class OverloadedError(AmusdError):
     may. Nothing was generated; try again later."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The request doesn't fit one frame of the coordinator's (AMUSD_MAX_MESSAGE_BYTES): it was not sent."""
+
+
 class ClientClosedError(AmusdError):
     """The client's connection is gone: close() was called, or reading from it failed."""
 
@@ -63,7 +71,8 @@ class RequestFailedError(AmusdError):
 
 
 ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError,
-          "invalid_request": InvalidRequestError, "field": InvalidRequestError, "queue_full": OverloadedError,
+          "invalid_request": InvalidRequestError, "field": InvalidRequestError, "oversized": RequestTooLargeError,
+          "queue_full": OverloadedError,
           "too_many_requests": OverloadedError}
 READY_POLL_S = 0.1
 LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
@@ -98,8 +107,9 @@ class AsyncClient:
                               cfg.curve_server_key if curve_server_key is None else curve_server_key)
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._control: asyncio.Queue = asyncio.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}  # generations, by req_id
+        self._calls: dict[str, asyncio.Future] = {}  # hello and status, by req_id
+        self.unattributed: Counter[str] = Counter()  # refusals of frames the coordinator couldn't name, by code
         self._tasks: list[asyncio.Task] = []
         self._last_heard = 0.0
         self._closed: ClientClosedError | None = None  # why no request can be sent any more
@@ -123,7 +133,7 @@ class AsyncClient:
             raise CoordinatorUnavailableError(f"can't connect to {self.url!r}: {exc}") from None
         self._tasks.append(asyncio.create_task(self._read()))
         try:
-            self.welcome = await self._ask(p.Hello(), p.Welcome)
+            self.welcome = await self._ask(p.Hello, p.Welcome)
         except BaseException:
             await self.close()  # a context left with an open socket would hang the process at exit
             raise
@@ -157,11 +167,14 @@ class AsyncClient:
         """No request can be sent or answered any more: every waiter raises `error` now."""
         self._closed = self._closed or error
         self._gone.set()
-        for queue in (*self._streams.values(), self._control):
+        for queue in self._streams.values():
             queue.put_nowait(error)
+        for call in self._calls.values():
+            if not call.done():
+                call.set_exception(error)
 
     async def status(self) -> p.StatusReply:
-        return await self._ask(p.Status(), p.StatusReply)
+        return await self._ask(p.Status, p.StatusReply)
 
     async def wait_ready(self, timeout_s: float | None = None) -> p.StatusReply:
         """Until a verify worker is registered with the coordinator, or NoWorkerError after timeout_s (default: the
@@ -183,27 +196,32 @@ class AsyncClient:
         if self._closed is not None:
             raise self._closed
         try:
-            await send(self._sock, msg)
+            await send(self._sock, msg, limit=self.welcome.max_message_bytes if self.welcome else None)
+        except p.ProtocolError as exc:
+            raise RequestTooLargeError(f"the request was not sent: {exc} (AMUSD_MAX_MESSAGE_BYTES)") from None
         except zmq.ZMQError as exc:
             raise ClientClosedError(f"the client's connection failed: {exc}") from None
 
-    async def _ask(self, msg: p.Message, reply: type) -> p.Message:
-        await self._send(msg)
+    async def _ask(self, kind: type, reply: type) -> p.Message:
+        """A call (hello, status): its answer, or the refusal of it, comes back under its own req_id."""
+        req_id = uuid.uuid4().hex
+        self._calls[req_id] = answer = asyncio.get_running_loop().create_future()
         try:
-            while True:
-                async with asyncio.timeout(self.timeout_s):
-                    got = await self._control.get()
-                if isinstance(got, AmusdError):
-                    raise got
-                if isinstance(got, reply):
-                    return got
-                if isinstance(got, p.Error):
-                    raise AmusdError(f"coordinator refused {msg.TYPE}: {got.message}")
+            await self._send(kind(req_id=req_id))
+            async with asyncio.timeout(self.timeout_s):
+                got = await answer
+            if isinstance(got, p.Error):
+                raise _raised(got)
+            if not isinstance(got, reply):
+                raise AmusdError(f"the coordinator answered {kind.TYPE} with {got.TYPE}")
+            return got
         except TimeoutError:
             # A CURVE refusal looks the same from here as nothing listening: name it as a possible cause.
             hint = "refused this client's CURVE key" if self.keys else "requires CURVE keys, which this client lacks"
             raise CoordinatorUnavailableError(
                 f"no answer from a coordinator at {self.url} within {self.timeout_s:g}s (or it {hint})") from None
+        finally:
+            del self._calls[req_id]
 
     def _restarted(self, instance: str) -> None:
         """A new coordinator answers at the address: the old one's requests are gone, so fail them now rather
@@ -233,8 +251,13 @@ class AsyncClient:
         req_id = getattr(msg, "req_id", None)
         if req_id in self._streams:
             self._streams[req_id].put_nowait(msg)
-        elif isinstance(msg, (p.Welcome, p.StatusReply)) or (isinstance(msg, p.Error) and req_id is None):
-            self._control.put_nowait(msg)
+        elif req_id in self._calls:
+            if not self._calls[req_id].done():
+                self._calls[req_id].set_result(msg)
+        elif isinstance(msg, p.Error) and req_id is None:
+            # No call or stream of this client waits on it, so none is failed by it, now or later.
+            self.unattributed[msg.code] += 1
+            log.warning("the coordinator refused a frame it could not attribute (%s): %s", msg.code, msg.message)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -298,9 +321,7 @@ class AsyncClient:
                     return
                 elif isinstance(reply, p.Error):
                     finished = True
-                    if reply.token_ids or reply.code not in ERRORS:
-                        raise RequestFailedError(f"{reply.code}: {reply.message}", reply.code, reply.token_ids)
-                    raise ERRORS[reply.code](reply.message)
+                    raise _raised(reply)
         finally:
             if self._streams.pop(msg.req_id, None) is not None and not finished:
                 # Abandoned: closed early, broken out of, collected, failed or cancelled. Shielded, since a task
@@ -351,6 +372,13 @@ class Stream:
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
+
+
+def _raised(error: p.Error) -> AmusdError:
+    """What a refusal or failure raises: a failure mid-way carries its committed tokens."""
+    if error.token_ids or error.code not in ERRORS:
+        return RequestFailedError(f"{error.code}: {error.message}", error.code, error.token_ids)
+    return ERRORS[error.code](error.message)
 
 
 def _request(prompt, prompt_ids, messages, max_new_tokens, stop_token_ids, stop, ignore_eos,

@@ -185,6 +185,8 @@ SETTINGS = (
     Setting("verify_delay_ms", 0.0, "Fault injection: extra milliseconds per verify step.", (VERIFY,), AT_LEAST_0),
     Setting("verify_hang_after", 0, "Fault injection: after this many forward passes the verifier's model thread "
             "hangs, while its heartbeats go on (0: never).", (VERIFY,), AT_LEAST_0),
+    Setting("fail_token", -1, "Fault injection: a worker's forward pass raises whenever one of its sequences holds "
+            "this token id (-1: never).", WORKERS, Range(-1)),
     Setting("draft_wrong", False, "Fault injection: the draft proposes a token it knows is wrong.", (DRAFT,)),
     Setting("fault_drop", 0.0, "Fault injection: probability that a service drops a message it sends to another "
             "service (not to clients).", SERVICES, PROBABILITY),
@@ -231,6 +233,7 @@ class Config:
     draft_delay_ms: float
     verify_delay_ms: float
     verify_hang_after: int
+    fail_token: int
     draft_wrong: bool
     fault_drop: float
     fault_dup: float

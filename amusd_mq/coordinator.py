@@ -10,6 +10,7 @@ import logging
 import secrets
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,6 +63,7 @@ class Request:
     verifier: bytes | None = None
     draft: bytes | None = None
     orphaned: float | None = None  # when its verifier was lost, until another takes over
+    draftless: bool = False  # a draft's passes failed with it: no draft joins it again
     progress: float = 0.0  # when its verifier was last assigned it or last committed
     stalled_at: int | None = None  # the verifier's pass count when it was last found making no progress
     resent_epoch: int = 0  # the epoch of the latest resend: verdicts of older epochs come from before it
@@ -129,6 +131,7 @@ class Coordinator:
         self.pub_seq = 0
         self.instance = uuid.uuid4().hex
         self.served = self.cancelled = self.clients_lost = 0
+        self.failed: Counter[str] = Counter()  # requests that ended in an error after they were let in, by code
         self.vocab: vocab.Vocabulary | None = None  # loaded from the configuration when run starts
         self.tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.outbox: dict[bytes | None, list[p.Message]] | None = None  # by receiver (None: PUB), within a frame
@@ -136,6 +139,7 @@ class Coordinator:
             p.Hello: self.on_hello, p.Ping: self.on_ping, p.Status: self.on_status, p.Generate: self.on_generate,
             p.Cancel: self.on_cancel, p.Register: self.on_register, p.Heartbeat: self.on_heartbeat,
             p.Propose: self.on_propose, p.Verdict: self.on_verdict, p.SnapshotRequest: self.on_snapshot,
+            p.Failed: self.on_failed,
         }
 
     # lifecycle
@@ -181,7 +185,7 @@ class Coordinator:
             try:
                 identity, msgs = await recv(self.router, self.cfg.max_message_bytes, routed=True)
             except p.ProtocolError as exc:
-                await self._reject(getattr(exc, "identity", None), exc.kind, str(exc))
+                await self._reject(getattr(exc, "identity", None), exc.kind, str(exc), exc.req_id)
                 continue
             if identity in self.clients:
                 self.clients[identity] = time.monotonic()
@@ -198,14 +202,18 @@ class Coordinator:
 
     async def _handle(self, identity: bytes, msg: p.Message) -> None:
         handler = self.handlers.get(type(msg))
+        req_id = getattr(msg, "req_id", None)  # so that a refusal reaches the request it is about
         if handler is None:
-            await self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator")
+            await self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator", req_id)
             return
         try:
             await handler(identity, msg)
         except Exception:  # a bug in one handler must not take the service down
             log.exception("handling %s failed", msg.TYPE)
-            await self._reject(identity, "internal", f"internal error handling {msg.TYPE}")
+            if (identity, req_id) in self.by_client:  # it was let in: it ends, with what it committed
+                await self._fail((identity, req_id), "internal", f"internal error handling {msg.TYPE}")
+            else:
+                await self._reject(identity, "internal", f"internal error handling {msg.TYPE}", req_id)
 
     async def _tick(self) -> None:
         while True:
@@ -280,16 +288,17 @@ class Coordinator:
     # clients
 
     def _verifiers(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.info.role == VERIFY]
+        """The verify workers that can serve: an unhealthy one is registered but given no work."""
+        return [w for w in self.workers.values() if w.info.role == VERIFY and w.beat.healthy]
 
     def _drafts(self) -> list[Worker]:
-        return [w for w in self.workers.values() if w.info.role == DRAFT]
+        return [w for w in self.workers.values() if w.info.role == DRAFT and w.beat.healthy]
 
     async def on_hello(self, identity: bytes, msg: p.Hello) -> None:
         verifiers = self._verifiers()
         ref = verifiers[0].info if verifiers else None
         await self._send(p.Welcome(
-            instance=self.instance, model=self.cfg.verify_model, verifiers=len(verifiers), drafts=len(self._drafts()),
+            req_id=msg.req_id, max_message_bytes=self.cfg.max_message_bytes, instance=self.instance, model=self.cfg.verify_model, verifiers=len(verifiers), drafts=len(self._drafts()),
             vocab_size=ref.vocab_size if ref else 0, max_context=ref.max_context if ref else 0,
             eos_token_ids=ref.eos_token_ids if ref else [], heartbeat_s=self.cfg.heartbeat_s), identity)
 
@@ -298,9 +307,11 @@ class Coordinator:
 
     async def on_status(self, identity: bytes, msg: p.Status) -> None:
         await self._send(p.StatusReply(
-            verifiers=len(self._verifiers()), drafts=len(self._drafts()), queued=self.admission.waiting,
-            active=sum(1 for r in self.requests.values() if r.verifier), rejected=dict(self.rejects.counts),
-            served=self.served, cancelled=self.cancelled, clients_lost=self.clients_lost), identity)
+            req_id=msg.req_id, verifiers=len(self._verifiers()), drafts=len(self._drafts()),
+            queued=self.admission.waiting, active=sum(1 for r in self.requests.values() if r.verifier),
+            rejected=dict(self.rejects.counts), served=self.served, cancelled=self.cancelled,
+            clients_lost=self.clients_lost, failed=dict(self.failed),
+            unhealthy=sum(not w.beat.healthy for w in self.workers.values())), identity)
 
     async def on_generate(self, identity: bytes, msg: p.Generate) -> None:
         """Admit a request. While no verify worker is registered it is held, waiting for one."""
@@ -500,9 +511,31 @@ class Coordinator:
 
     async def on_heartbeat(self, identity: bytes, msg: p.Heartbeat) -> None:
         w = await self._worker(identity)
-        if w is not None:
-            w.beat = msg
+        if w is None:
+            return
+        was, w.beat = w.beat.healthy, msg
+        if was and not msg.healthy:
+            log.error("%s worker %s reports itself unhealthy (its passes fail whatever they hold): it gets no work, "
+                      "and its requests are handed on", w.info.role, identity.hex())
+            await self._hand_on(w)
+        elif msg.healthy and not was:
+            log.info("%s worker %s is healthy again", w.info.role, identity.hex())
+            if w.info.role == VERIFY:
+                await self._admit_held()
+            await self._schedule()
 
+    async def on_failed(self, identity: bytes, msg: p.Failed) -> None:
+        """A worker's passes fail with this request in them: a verifier's failure ends it, a draft's detaches it."""
+        w = await self._worker(identity)
+        req = self.requests.get(msg.req_id) if w is not None else None
+        if req is None or identity not in (req.verifier, req.draft):
+            return  # ended meanwhile
+        if identity == req.verifier:
+            await self._fail(req.key, "internal", msg.message)
+            return
+        log.warning("request %s goes on without a draft: %s", req.rid, msg.message)
+        w.requests.discard(req.rid)
+        req.draft, req.draftless = None, True
     async def on_snapshot(self, identity: bytes, msg: p.SnapshotRequest) -> None:
         if await self._worker(identity) is None:
             return
@@ -603,7 +636,7 @@ class Coordinator:
                 req.seq.resync()
                 await self._commit(req, len(req.seq.committed), [])
         for req in self.requests.values():  # a draft with room joins any request running without one
-            if req.verifier is not None and req.draft is None:
+            if req.verifier is not None and req.draft is None and not req.draftless:
                 draft = self._least_loaded(self._drafts())
                 if draft is None:
                     break
@@ -642,6 +675,7 @@ class Coordinator:
         if key not in self.by_client:
             return
         req = self._end(key, code)
+        self.failed[code] += 1
         await self._send(p.Error(code=code, message=message, req_id=key[1],
                                  token_ids=req.seq.committed if req else []), key[0])
         if req is not None:
@@ -663,10 +697,16 @@ class Coordinator:
     async def _drop_worker(self, w: Worker, why: str) -> None:
         log.warning("dropping %s worker %s: %s", w.info.role, w.identity.hex(), why)
         self.workers.pop(w.identity, None)
+        await self._hand_on(w)
+
+    async def _hand_on(self, w: Worker) -> None:
+        """A worker's requests, to others: a verifier's resume on the next with room, from their committed
+        tokens; a draft's carry on without one until a draft with room joins."""
         for req in [self.requests[rid] for rid in w.requests if rid in self.requests]:
-            if w.info.role == DRAFT:  # the verifier carries on alone; a draft with room may join
+            if w.info.role == DRAFT:
                 req.draft = None
-            else:  # the next verifier with room resumes it from the committed tokens
+            else:
                 req.verifier, req.orphaned = None, time.monotonic()
                 self.admission.resume(req.rid)
+        w.requests.clear()
         await self._schedule()

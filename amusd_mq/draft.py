@@ -149,6 +149,7 @@ class DraftWorker(Worker):
         return batch
 
     def compute(self, batch: list[tuple[DraftRequest, int, Guess, int]]) -> list[tuple[int, list | None, list | None]]:
+        self.inject_failure([guess.seq for _, _, guess, _ in batch])
         for r, _, _, valid in batch:
             r.session.rollback(valid)
         out = propose(self.lm, [guess for _, _, guess, _ in batch])

@@ -41,10 +41,46 @@ from .openai_api import (
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0  # a probe or a scrape waits no longer for the coordinator's status
+# A body may be this many times the frame limit: JSON's escapes (\uXXXX) write non-ASCII text up to 3 times as long
+# as its UTF-8, so a larger body can't become a request that fits one frame.
+BODY_PER_FRAME = 3
 
 
 class Disconnected(Exception):
     """The HTTP client went away before its response was ready: its requests were cancelled."""
+
+
+class BodyLimit:
+    """Refuses a body too large to become a request (413) before it is read: parsing a 100 MiB JSON body only to
+    refuse the request would hold the gateway for seconds. A body of declared length is refused at once; one sent
+    in chunks, once it has grown past the limit."""
+
+    def __init__(self, app, limit: int, refused: Callable[[], None]):
+        self.app, self.limit, self.refused = app, limit, refused
+
+    def error(self, size: str) -> APIError:
+        return APIError(413, f"a request body of {size} bytes exceeds the limit of {self.limit} "
+                             f"({BODY_PER_FRAME} x AMUSD_MAX_MESSAGE_BYTES)", "invalid_request_error", "body_too_large")
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            self.refused()
+            error = self.error(length.decode())
+            return await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise self.error(f"more than {self.limit}")  # answered by the app's APIError handler
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class Gateway:
@@ -66,6 +102,8 @@ class Gateway:
         app.get("/v1/models")(self.models)
         app.get("/health")(self.health)
         app.get("/metrics")(self.scrape)
+        app.add_middleware(BodyLimit, limit=BODY_PER_FRAME * self.cfg.max_message_bytes,
+                           refused=self.metrics.failed.labels("413").inc)
         return app
 
     @contextlib.asynccontextmanager
@@ -140,11 +178,12 @@ class Gateway:
         return models_body(self.model, self.started)
 
     async def health(self) -> JSONResponse:
-        """200 while a verify worker is registered, else 503, at once."""
+        """200 while a healthy verify worker is registered, else 503, at once."""
         status = await self._status()
         verifiers = status.verifiers if status else 0
         return JSONResponse({"status": "ok" if verifiers else "unavailable", "coordinator": status is not None,
-                             "verifiers": verifiers, "drafts": status.drafts if status else 0},
+                             "verifiers": verifiers, "drafts": status.drafts if status else 0,
+                             "unhealthy": status.unhealthy if status else 0},
                             status_code=200 if verifiers else 503)
 
     async def scrape(self) -> Response:

@@ -46,7 +46,9 @@ class Metrics:
         self.running = Gauge("amusd:num_requests_running", "Requests a verifier serves, deployment-wide.", registry=r)
         self.waiting = Gauge("amusd:num_requests_waiting", "Requests waiting for a verifier, deployment-wide.",
                              registry=r)
-        self.workers = Gauge("amusd:workers", "Registered workers.", ["role"], registry=r)
+        self.workers = Gauge("amusd:workers", "Registered workers that can serve, by role.", ["role"], registry=r)
+        self.unhealthy = Gauge("amusd:workers_unhealthy", "Registered workers whose passes keep failing: given no "
+                               "work.", registry=r)
 
     def timer(self) -> "Timer":
         return Timer(self)
@@ -68,6 +70,7 @@ class Metrics:
             self.waiting.set(status.queued)
             self.workers.labels(VERIFY).set(status.verifiers)
             self.workers.labels(DRAFT).set(status.drafts)
+            self.unhealthy.set(status.unhealthy)
         return generate_latest(self.registry)
 
 

@@ -30,7 +30,9 @@ class APIError(Exception):
 
 
 # What each client error is over HTTP: (status, OpenAI error type).
-STATUS = ((client.InvalidRequestError, 400, "invalid_request_error"), (client.OverloadedError, 429, "rate_limit_error"),
+# The first that matches: a subclass before its base.
+STATUS = ((client.RequestTooLargeError, 413, "invalid_request_error"),
+          (client.InvalidRequestError, 400, "invalid_request_error"), (client.OverloadedError, 429, "rate_limit_error"),
           (client.NoWorkerError, 503, "service_unavailable"),
           (client.CoordinatorUnavailableError, 503, "service_unavailable"),
           (client.ClientClosedError, 503, "service_unavailable"), (client.RequestTimeoutError, 504, "timeout"))

@@ -15,16 +15,19 @@ from typing import Callable, ClassVar, Union
 
 import msgpack
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 INT_LIMIT = 1 << 63
+HEAD_BYTES = 1024  # where a refused frame's request id is looked for
 
 
 class ProtocolError(ValueError):
-    """A frame that can't be accepted. `kind` names the rule it broke, for counters and error replies."""
+    """A frame that can't be accepted. `kind` names the rule it broke, for counters and error replies; `req_id` is
+    the request the frame belongs to, where its head names one, so that the refusal reaches that request."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, req_id: str | None = None):
         super().__init__(message)
         self.kind = kind
+        self.req_id = req_id
 
 
 @dataclass
@@ -82,15 +85,21 @@ def _checker(tp) -> Callable[[object], bool]:
 
 # Client <-> coordinator (DEALER -> ROUTER)
 
+# A client names each of its requests, generations and calls alike, with a `req_id` of its own choosing, first
+# among the fields: the answers carry it, and so does the refusal of a frame too large or too broken to read, which
+# the coordinator takes from the frame's head.
+
 @message
 class Hello(Message):
     """Client handshake; answered by Welcome."""
     TYPE = "hello"
+    req_id: str
 
 
 @message
 class Welcome(Message):
     TYPE = "welcome"
+    req_id: str
     instance: str  # this run of the coordinator: a client seeing another one knows its requests were lost
     model: str  # the verify model it serves, as configured
     verifiers: int
@@ -99,6 +108,7 @@ class Welcome(Message):
     max_context: int
     eos_token_ids: list[int]
     heartbeat_s: float  # a client pings this often while it has requests in flight, or they are cancelled
+    max_message_bytes: int  # the largest frame the coordinator accepts: a client refuses a larger request itself
 
 
 @message
@@ -171,11 +181,13 @@ class Pong(Message):
 @message
 class Status(Message):
     TYPE = "status"
+    req_id: str
 
 
 @message
 class StatusReply(Message):
     TYPE = "status_reply"
+    req_id: str
     verifiers: int
     drafts: int
     queued: int
@@ -184,6 +196,8 @@ class StatusReply(Message):
     served: int  # requests that ran to their end
     cancelled: int  # by their client, or because their client went silent
     clients_lost: int  # clients that went silent with requests in flight
+    failed: dict[str, int]  # requests that ended in an error after they were let in, by its code
+    unhealthy: int  # workers registered but reporting themselves unhealthy, counted in neither verifiers nor drafts
 
 
 # Worker <-> coordinator (DEALER -> ROUTER)
@@ -218,6 +232,16 @@ class Heartbeat(Message):
     TYPE = "heartbeat"
     busy: bool = False
     passes: int = 0
+    healthy: bool = True  # a worker's: false while its passes fail whatever they hold; it is then given no work
+
+
+@message
+class Failed(Message):
+    """A worker's passes fail whenever this request is in them (found by running a failed pass again in parts), and
+    it has dropped it. A verifier's ends the request with an `internal` error; a draft's leaves it to the verifier."""
+    TYPE = "failed"
+    req_id: str
+    message: str
 
 
 @message
@@ -336,14 +360,34 @@ def _values(msg: Message) -> dict:
 
 def decode(frame: bytes, max_bytes: int) -> Message:
     """The message a frame holds, or ProtocolError: whatever the bytes, nothing else can come out of here."""
-    if len(frame) > max_bytes:
-        raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
     try:
-        return _decode(frame)
-    except ProtocolError:
+        if len(frame) > max_bytes:
+            raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
+        try:
+            return _decode(frame)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # a rule this decoder forgot: still a refused frame, never a dead receive loop
+            raise ProtocolError("malformed", f"undecodable frame ({type(exc).__name__}: {exc})") from None
+    except ProtocolError as exc:
+        exc.req_id = _head_req_id(frame)
         raise
-    except Exception as exc:  # a rule this decoder forgot: still a refused frame, never a dead receive loop
-        raise ProtocolError("malformed", f"undecodable frame ({type(exc).__name__}: {exc})") from None
+
+
+def _head_req_id(frame: bytes) -> str | None:
+    """The request id at the head of a frame that can't be accepted, read from its first bytes only: `encode` writes
+    the version, the type and then the fields in order, and every message of a client's request has its req_id
+    first."""
+    head = msgpack.Unpacker(raw=False, max_buffer_size=HEAD_BYTES)
+    head.feed(frame[:HEAD_BYTES])
+    try:
+        for _ in range(min(head.read_map_header(), 3)):
+            key, value = head.unpack(), head.unpack()
+            if key == "req_id":
+                return value if type(value) is str else None
+    except Exception:  # anything short of a readable head names no request
+        pass
+    return None
 
 
 def _decode(frame: bytes) -> Message:

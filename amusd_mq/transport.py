@@ -113,8 +113,13 @@ class Faults:
 faults: Faults | None = None  # set once at service start-up, from the AMUSD_FAULT_* settings
 
 
-async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None) -> None:
-    frames = [identity, encode(msg)] if identity is not None else [encode(msg)]
+async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None, limit: int | None = None) -> None:
+    """Send one message; with a limit, a frame larger than the receiver accepts is refused here (ProtocolError
+    `oversized`) instead of being sent to be refused there."""
+    frame = encode(msg)
+    if limit is not None and len(frame) > limit:
+        raise ProtocolError("oversized", f"a frame of {len(frame)} bytes exceeds the receiver's limit of {limit}")
+    frames = [identity, frame] if identity is not None else [frame]
     inner = msg.messages if isinstance(msg, Batch) else [msg]
     if faults is not None and all(m.TYPE in Faults.TYPES for m in inner):
         await faults.send(sock, frames)

@@ -167,6 +167,7 @@ class VerifyWorker(Worker):
 
     def compute(self, batch: list[tuple[VerifyRequest, Check]]) -> tuple[list[tuple[list[int], int]], float]:
         start = time.perf_counter()
+        self.inject_failure([check.seq for _, check in batch])
         out = verify(self.lm, [check for _, check in batch])
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)

@@ -10,6 +10,11 @@ The step loop is a scheduler's (SGLang's shape): take the requests that have wor
 in one forward pass on the model thread, process the results, again. New requests' first passes (their
 prefills) run together in a pass of their own, taking turns with the others' steps, so new prompts hold the
 others up for one pass at a time.
+
+A pass that raises is run again in halves, down to single requests, so that the request that breaks it is found:
+that one is dropped and reported (`failed`), and the others go on. A worker whose passes fail for request after
+request, with none going through between them, reports itself unhealthy in its heartbeats and is given no work,
+until a pass of its own (a probe of no request's) goes through again.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import zmq.asyncio
 
 from . import protocol as p
 from .config import Config, ConfigurationError
-from .runtime.lm import LM, Session
+from .runtime.lm import LM, Feed, Session
 from .runtime.thread import ModelThread
 from .security import load_keys, secure
 from .tasks import first_to_end, surviving
@@ -33,6 +38,8 @@ from .transport import Rejects, make_socket, recv_valid, send
 log = logging.getLogger(__name__)
 BACKOFF_CAP_BEATS = 2  # the longest wait between registrations, in heartbeats
 PREFILL_BUDGET = 2048  # tokens, padding included, of a pass that prefills several new requests at once
+UNHEALTHY_AFTER = 3  # requests failed in a row, no pass going through between them, that make a worker unhealthy
+PROBE = list(range(1, 17))  # what an unhealthy worker's probe computes: a short sequence any vocabulary holds
 
 
 @dataclass(kw_only=True)
@@ -67,6 +74,7 @@ class Worker:
         self.last_heard = 0.0
         self.registered_seq: int | None = None  # the PUB sequence number at registration; None until registered
         self.forgotten = asyncio.Event()  # the coordinator answered with unknown_worker
+        self.failures = 0  # requests whose passes failed since a pass last went through
         # The coordinator's, from its `registered`: both sides then judge each other by the same clock.
         self.heartbeat_s, self.liveness = cfg.heartbeat_s, cfg.liveness
         self.handlers = {p.Assign: self.on_assign, p.Release: self.on_release, p.Heartbeat: self._noop,
@@ -179,7 +187,14 @@ class Worker:
                 await asyncio.wait_for(self.forgotten.wait(), self.heartbeat_s)
                 return
             except asyncio.TimeoutError:
-                await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done))
+                await self._beat()
+
+    async def _beat(self) -> None:
+        await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done, healthy=self.healthy))
+
+    @property
+    def healthy(self) -> bool:
+        return self.failures < UNHEALTHY_AFTER
 
     async def _noop(self, msg: p.Message) -> None:
         pass
@@ -221,6 +236,9 @@ class Worker:
     async def _step_loop(self) -> None:
         while True:
             self.work.clear()
+            if not self.healthy:
+                await self._probe()
+                continue
             batch = self.build()
             if not batch:
                 try:
@@ -228,18 +246,67 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
                 continue
-            try:
-                outcome = await self.thread.submit(self.compute, batch)
-            except Exception:
-                # Which request broke the pass is unknown: all of them are dropped here, and the coordinator,
-                # seeing no progress, sends each again.
-                log.exception("a %s pass over %d requests failed", self.role, len(batch))
-                self.rejects.add("internal", f"{self.role} pass failed")
-                for state, *_ in batch:
-                    if self.requests.get(state.rid) is state:
-                        self._drop(state.rid)
-                continue
-            await self.finish(batch, outcome)
+            await self._pass(batch)
+
+    async def _pass(self, batch: list[tuple]) -> None:
+        """One forward pass and its outcome; one that raises, again in halves until the request that breaks it is
+        found. Each request's KV cache is rolled back to where it was before a failed pass."""
+        lengths = [state.session.length for state, *_ in batch]
+        try:
+            outcome = await self.thread.submit(self.compute, batch)
+        except Exception as exc:
+            for (state, *_), length in zip(batch, lengths):
+                state.session.rollback(length)
+            self.rejects.add("pass_failed", f"a {self.role} pass over {len(batch)} requests failed: {exc!r}")
+            if len(batch) == 1:
+                await self._broken(batch[0][0], exc)
+            else:
+                half = len(batch) // 2
+                await self._pass(batch[:half])
+                await self._pass(batch[half:])
+            return
+        self.failures = 0
+        await self.finish(batch, outcome)
+
+    async def _broken(self, state: Served, exc: Exception) -> None:
+        """A request whose pass fails with it alone: dropped and reported, so that it ends instead of being sent
+        again and again; the other requests go on."""
+        if state.done:
+            return  # released while its batch was being split
+        log.error("a %s pass fails with request %s in it: dropping it", self.role, state.rid, exc_info=exc)
+        self._drop(state.rid)
+        self.failures += 1
+        await send(self.dealer, p.Failed(req_id=state.rid, message=f"the {self.role} worker's forward pass failed "
+                                                                   f"with this request in it: {exc!r}"))
+        if not self.healthy:
+            log.error("%d requests in a row failed their %s passes: reporting this worker unhealthy until a probe "
+                      "pass goes through", self.failures, self.role)
+            self._drop_all()  # the coordinator hands them on
+            await self._beat()
+
+    async def _probe(self) -> None:
+        """An unhealthy worker's pass of no request's, every liveness window: one that goes through makes it
+        healthy again."""
+        await asyncio.sleep(self.expiry_s)
+        try:
+            await self.thread.submit(self._probe_pass)
+        except Exception as exc:
+            log.warning("the %s worker's probe pass failed (%r): still unhealthy", self.role, exc)
+            return
+        log.info("a probe pass went through: the %s worker is healthy again", self.role)
+        self.failures = 0
+        await self._beat()
+
+    def _probe_pass(self) -> None:
+        self.inject_failure([PROBE])
+        with self.lm.session() as session:
+            self.lm.greedy([Feed(session, PROBE, 1)])
+
+    def inject_failure(self, sequences: list[list[int]]) -> None:
+        """Fault injection (AMUSD_FAIL_TOKEN), on the model thread: a pass that holds the token raises."""
+        token = self.cfg.fail_token
+        if token >= 0 and any(token in seq for seq in sequences):
+            raise RuntimeError(f"fault injection: a pass holding token {token} (AMUSD_FAIL_TOKEN)")
 
     def take_turns(self, live: list) -> list:
         """The requests of the next pass: new ones' first passes (their prefills, together while the padded

@@ -119,7 +119,7 @@ class Hostile:
         try:
             replies = [await ask(frame) for frame in POISON]
             start = time.monotonic()
-            await ask(p.encode(p.Hello()))
+            await ask(p.encode(p.Hello(req_id="h")))
             self.figures["hello_after_poison_s"].append(time.monotonic() - start)
             self.figures["poison_frames_refused"].append(sum(isinstance(r, p.Error) for r in replies))
         except asyncio.TimeoutError:

@@ -22,6 +22,15 @@ class BrokenRouting(AsyncClient):
         super()._route(msg)
 
 
+async def welcome(router) -> bytes:
+    """Answer a client's hello as a coordinator would; returns the client's identity."""
+    identity, frame = await router.recv_multipart()
+    await router.send_multipart([identity, p.encode(p.Welcome(
+        req_id=p.decode(frame, 1 << 20).req_id, instance="i", model="m", verifiers=1, drafts=0, vocab_size=300,
+        max_context=64, eos_token_ids=[], heartbeat_s=1.0, max_message_bytes=1 << 22))])
+    return identity
+
+
 async def test_a_reader_that_fails_fails_every_waiting_request_at_once():
     """Any exception in the receive loop, not only a garbled frame: every request waiting on the connection raises
     a ClientClosedError naming it, long before the client's silence timeout."""
@@ -31,10 +40,7 @@ async def test_a_reader_that_fails_fails_every_waiting_request_at_once():
     router.bind(url)
 
     async def coordinator():
-        identity, _ = await router.recv_multipart()  # hello
-        await router.send_multipart([identity, p.encode(p.Welcome(
-            instance="i", model="m", verifiers=1, drafts=0, vocab_size=300, max_context=64, eos_token_ids=[],
-            heartbeat_s=1.0))])
+        identity = await welcome(router)
         for _ in range(3):
             await router.recv_multipart()  # the three requests, left unanswered
         await router.send_multipart([identity, p.encode(p.Pong(instance="i"))])
@@ -81,10 +87,7 @@ async def test_a_cancel_that_comes_with_a_message_still_cancels_the_request():
     router.bind(url)
 
     async def coordinator() -> p.Message:
-        identity, _ = await router.recv_multipart()  # hello
-        await router.send_multipart([identity, p.encode(p.Welcome(
-            instance="i", model="m", verifiers=1, drafts=0, vocab_size=300, max_context=64, eos_token_ids=[],
-            heartbeat_s=1.0))])
+        identity = await welcome(router)
         _, frame = await router.recv_multipart()
         generate = p.decode(frame, 1 << 20)
         await router.send_multipart([identity, p.encode(p.Tokens(req_id=generate.req_id, start=0, token_ids=[7],

@@ -246,6 +246,26 @@ def test_bad_parameters_get_openai_errors(served):
     assert body["error"]["param"] == "prompt"
 
 
+def test_prompts_over_the_frame_limit_are_refused_within_a_second(served, greedy):
+    """Beside a request that is served: a body too large to become a frame (20 and 100 MiB) is refused before it is
+    read, and a smaller one (5 MiB) by the client's frame check, each with OpenAI's error body."""
+    client = served.client(timeout=30)
+    text, _, _ = greedy("def fib(n):")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        normal = pool.submit(client.completions.create, model=MODEL, prompt="def fib(n):", max_tokens=MAX_TOKENS,
+                             temperature=0)
+        for mib in (5, 20, 100):
+            prompt = "x" * (mib << 20)
+            start = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model=MODEL, prompt=prompt, max_tokens=4)
+            assert time.monotonic() - start < 1.0, mib
+            assert err.value.status_code == 413 and err.value.body["type"] == "invalid_request_error", mib
+        assert normal.result().choices[0].text == text
+    assert served.get("/health")[0] == 200
+    assert served.metrics()['amusd:request_failure_total{status="413"}'] >= 3
+
+
 def test_a_disconnect_frees_the_workers(served):
     """A stream abandoned after its first chunk, and a non-streamed request whose client gives up, are cancelled
     at the coordinator at once, long before their 1500 tokens could be done; the next request is served."""

@@ -81,8 +81,8 @@ async def test_verify_worker_rejects_garbage_and_keeps_serving(harness, referenc
     for junk in (b"\xc1junk", msgpack.packb({"v": 7, "t": "assign"}), msgpack.packb({"v": version, "t": "nope"}),
                  msgpack.packb({"v": version, "t": [1]}), msgpack.packb({"v": version, "t": "release", b"x": 1}),
                  msgpack.packb({"v": True, "t": "release", "req_id": "r1"}),
-                 p.encode(p.Welcome(instance="i", model="m", verifiers=0, drafts=0, vocab_size=1, max_context=1,
-                                    eos_token_ids=[], heartbeat_s=1.0)),
+                 p.encode(p.Welcome(req_id="h", instance="i", model="m", verifiers=0, drafts=0, vocab_size=1,
+                                    max_context=1, eos_token_ids=[], heartbeat_s=1.0, max_message_bytes=1024)),
                  p.encode(assign(req_id="bad", prompt_ids=[10**6]))):
         await coordinator.send(identity, junk)
     await coordinator.send(identity, assign())

@@ -24,6 +24,7 @@ from amusd_mq import (
     InvalidRequestError,
     OverloadedError,
     RequestFailedError,
+    RequestTooLargeError,
 )
 from amusd_mq import protocol as p
 
@@ -73,7 +74,7 @@ async def test_poison_frames_mid_generation_are_refused_counted_and_survived(dep
         replies = await raw_exchange(d.url, [[frame] for frame in frames])
         assert [r.code for r in replies] == [kind for kind, group in POISON.items() for _ in group]
         start = time.monotonic()
-        await raw_exchange(d.url, [[p.encode(p.Hello())]], timeout_s=1.0)  # still answering, within a second
+        await raw_exchange(d.url, [[p.encode(p.Hello(req_id="h"))]], timeout_s=1.0)  # still answering, within a second
         quick = await client.generate("Hello, world", max_new_tokens=8)
         assert time.monotonic() - start < 1.0
         assert quick.token_ids == expected(tiny_verify, reference, "Hello, world", 8)
@@ -94,6 +95,38 @@ async def test_a_multi_megabyte_prompt_is_refused_at_once_beside_one_that_comple
         assert time.monotonic() - start < 1.0
         assert "can't fit the model context" in str(refused.value)
         assert (await normal).token_ids == expected(tiny_verify, reference, PROMPT, 60)
+
+
+async def test_prompts_over_the_frame_limit_fail_within_a_second_and_nothing_else_does(deploy, reference, tiny_verify):
+    """A 5 MiB prompt once waited forever: the coordinator refused its frame with an error naming no request, which
+    the client filed for its next call (a status() that then failed with it)."""
+    d = deploy(AMUSD_VERIFY_DELAY_MS=10)
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        normal = asyncio.create_task(client.generate(PROMPT, max_new_tokens=60))
+        for mib in (5, 20, 100):
+            start = time.monotonic()
+            with pytest.raises(RequestTooLargeError, match="limit of 4194304"):
+                async with asyncio.timeout(1.0):
+                    await client.generate("x" * (mib << 20), max_new_tokens=4)
+            assert time.monotonic() - start < 1.0
+        assert (await client.status()).verifiers == 1
+        assert (await normal).token_ids == expected(tiny_verify, reference, PROMPT, 60)
+    # A peer that sends one anyway hears of it under its request's id, read from the frame's head.
+    big = p.encode(p.Generate(req_id="big", max_new_tokens=4, prompt="x" * (5 << 20)))
+    (refusal,) = await raw_exchange(d.url, [[big]], timeout_s=5.0)
+    assert (refusal.code, refusal.req_id) == ("oversized", "big")
+
+
+async def test_a_refusal_that_names_no_request_fails_no_later_call(deploy):
+    d = deploy(roles=("coordinator",))
+    await d.wait_ready(verifiers=0, drafts=0, timeout_s=60)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        await client._sock.send(b"\xc1 not msgpack")  # a frame of this client's that no request can be named by
+        async with asyncio.timeout(5):
+            while not client.unattributed["malformed"]:
+                await asyncio.sleep(0.05)
+        assert (await client.status()).rejected["malformed"] == 1
 
 
 async def test_workers_are_back_within_3s_of_each_of_three_coordinator_restarts(deploy):
