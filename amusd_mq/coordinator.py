@@ -198,7 +198,7 @@ class Coordinator:
             finally:
                 outbox, self.outbox = self.outbox, None
                 for receiver, out in outbox.items():
-                    await send_all(self._socket(receiver), out, receiver)
+                    await send_all(self._socket(receiver), out, self.cfg.max_message_bytes, receiver)
 
     async def _handle(self, identity: bytes, msg: p.Message) -> None:
         handler = self.handlers.get(type(msg))

@@ -170,7 +170,7 @@ class DraftWorker(Worker):
             if ids is not None:
                 r.dists[pos] = (ids, probs)
             proposals.append(self._proposal(r, pos, pos + 1))
-        await send_all(self.dealer, proposals)
+        await send_all(self.dealer, proposals, self.cfg.max_message_bytes)
 
     @staticmethod
     def _proposal(r: DraftRequest, start: int, end: int) -> p.Propose:

@@ -348,6 +348,37 @@ def encode(msg: Message) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "t": msg.TYPE, **body})
 
 
+BATCH_HEAD = 32  # bytes of a batch frame besides its messages' bodies: the map, v, t and the array's header
+
+
+def encode_all(msgs: list[Message], limit: int) -> list[tuple[list[Message], bytes]]:
+    """Frames for messages to one receiver, in order, each with the messages it holds: as few batches as fit
+    `limit` each, every body packed once (a message larger than the limit alone still makes a frame of its own)."""
+    if len(msgs) == 1:
+        return [(msgs, encode(msgs[0]))]
+    frames, group, size = [], [], BATCH_HEAD
+    for msg in msgs:
+        body = msgpack.packb(_body(msg))
+        if group and size + len(body) > limit:
+            frames.append(_batch_frame(group))
+            group, size = [], BATCH_HEAD
+        group.append((msg, body))
+        size += len(body)
+    frames.append(_batch_frame(group))
+    return frames
+
+
+def _batch_frame(group: list[tuple[Message, bytes]]) -> tuple[list[Message], bytes]:
+    """The bytes `encode(Batch(...))` writes, from bodies already packed; a lone message as itself."""
+    msgs = [msg for msg, _ in group]
+    if len(group) == 1:
+        return msgs, encode(msgs[0])
+    head = msgpack.Packer()
+    frame = head.pack_map_header(3) + head.pack("v") + head.pack(PROTOCOL_VERSION) + head.pack("t") + head.pack(
+        Batch.TYPE) + head.pack("messages") + head.pack_array_header(len(group))
+    return msgs, frame + b"".join(body for _, body in group)
+
+
 def _body(msg: Message) -> dict:
     return {"t": msg.TYPE, **_values(msg)}
 

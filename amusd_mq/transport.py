@@ -14,7 +14,7 @@ import zmq
 import zmq.asyncio
 
 from .config import ConfigurationError
-from .protocol import Batch, Message, ProtocolError, decode, encode
+from .protocol import Batch, Message, ProtocolError, decode, encode, encode_all
 
 log = logging.getLogger(__name__)
 
@@ -119,19 +119,23 @@ async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = 
     frame = encode(msg)
     if limit is not None and len(frame) > limit:
         raise ProtocolError("oversized", f"a frame of {len(frame)} bytes exceeds the receiver's limit of {limit}")
+    await _send_frame(sock, frame, [msg], identity)
+
+
+async def send_all(sock: zmq.asyncio.Socket, msgs: list[Message], limit: int, identity: bytes | None = None) -> None:
+    """Messages for one receiver in as few frames as the receiver's limit allows (in one, nearly always): per
+    message, the socket and the event loops on both ends cost more than its encoding."""
+    if msgs:
+        for inner, frame in encode_all(msgs, limit):
+            await _send_frame(sock, frame, inner, identity)
+
+
+async def _send_frame(sock: zmq.asyncio.Socket, frame: bytes, inner: list[Message], identity: bytes | None) -> None:
     frames = [identity, frame] if identity is not None else [frame]
-    inner = msg.messages if isinstance(msg, Batch) else [msg]
     if faults is not None and all(m.TYPE in Faults.TYPES for m in inner):
         await faults.send(sock, frames)
     else:
         await sock.send_multipart(frames)
-
-
-async def send_all(sock: zmq.asyncio.Socket, msgs: list[Message], identity: bytes | None = None) -> None:
-    """Messages for one receiver in one frame: per message, the socket and the event loops on both ends cost
-    more than its encoding."""
-    if msgs:
-        await send(sock, msgs[0] if len(msgs) == 1 else Batch(msgs), identity)
 
 
 async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[bytes | None, list[Message]]:

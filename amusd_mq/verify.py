@@ -197,7 +197,7 @@ class VerifyWorker(Worker):
             if r.seq.done:
                 r.finished_at = now
             verdicts.append(r.last)
-        await send_all(self.dealer, verdicts)
+        await send_all(self.dealer, verdicts, self.cfg.max_message_bytes)
         if not self.prefilled:
             self._measure(batch, step_ms, committed)
 

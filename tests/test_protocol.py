@@ -99,3 +99,18 @@ def test_rejects_oversized_frames():
 def test_optional_fields_take_defaults():
     msg = p.decode(raw(t="generate", req_id="r", max_new_tokens=3, prompt="x"), 1 << 20)
     assert msg.prompt_ids is None and msg.stop_token_ids == [] and msg.lookahead is None
+
+
+def test_messages_for_one_receiver_are_framed_within_the_limit_in_order():
+    msgs = [p.Assign(req_id=f"r{i}", prompt_ids=list(range(1000 + i)), committed=[], epoch=0, max_new_tokens=4,
+                     stop_token_ids=[], lookahead=3, policy="eager") for i in range(12)]
+    limit = 10_000
+    frames = p.encode_all(msgs, limit)
+    assert len(frames) > 1 and all(len(frame) <= limit for _, frame in frames)
+    decoded = []
+    for inner, frame in frames:
+        got = p.decode(frame, limit)
+        assert frame == p.encode(inner[0] if len(inner) == 1 else p.Batch(inner))  # the bytes encode writes
+        decoded += got.messages if isinstance(got, p.Batch) else [got]
+    assert decoded == msgs
+    assert p.encode_all(msgs[:3], 1 << 20) == [(msgs[:3], p.encode(p.Batch(msgs[:3])))]  # one frame, nearly always
