@@ -298,12 +298,16 @@ class AsyncClient:
         msg.policy = policy
         _sampling(msg, temperature, top_k, top_p, seed, sampling_mode)
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[msg.req_id] = queue
+        self._streams[msg.req_id] = queue  # before sending: the answer may come before the send returns
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
         received = 0
         finished = False
         try:
-            await self._send(msg)
+            try:
+                await self._send(msg)
+            except RequestTooLargeError:
+                finished = True  # never sent: nothing to cancel
+                raise
             self._last_heard = time.monotonic()
             while True:
                 reply = await self._next(queue, deadline)

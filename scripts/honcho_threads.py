@@ -75,7 +75,7 @@ def run_setting(name: str, extra: dict, args, logs: Path) -> dict:
     env_file = Path(tempfile.mkdtemp(prefix="amusd-honcho-")) / ".env"
     env_file.write_text((ROOT / ".env.example").read_text() + "".join(f"{k}={v}\n" for k, v in extra.items()))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AMUSD_")}
-    log = open(logs / f"{name.split()[0]}-{int(time.time())}.log", "wb")
+    log = open(logs / f"{name.split(' (')[0].replace(' + ', '-plus-')}-{int(time.time())}.log", "wb")
     proc = subprocess.Popen(["honcho", "start", "-e", str(env_file)], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
