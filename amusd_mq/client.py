@@ -72,8 +72,7 @@ class RequestFailedError(AmusdError):
 
 ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError,
           "invalid_request": InvalidRequestError, "field": InvalidRequestError, "oversized": RequestTooLargeError,
-          "queue_full": OverloadedError,
-          "too_many_requests": OverloadedError}
+          "queue_full": OverloadedError, "too_many_requests": OverloadedError}
 READY_POLL_S = 0.1
 LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
 CANCEL_LINGER_MS = 200  # how long close() gives its cancels to leave when the coordinator is slow to take them
