@@ -19,6 +19,7 @@ SERVICES = (COORDINATOR, DRAFT, VERIFY)
 CLIENTS = (GATEWAY, CLIENT)  # what connects to the coordinator as a client
 DTYPES = ("float32", "bfloat16", "float16")
 RUNNERS = ("native", "hf")
+KERNELS = ("auto", "aten", "onednn")  # auto, or one of runtime.kernels.PATHS
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -140,6 +141,9 @@ SETTINGS = (
     Setting("runner", "native", "What computes the forward passes: native (a purpose-built forward over a slot KV "
             "cache, CUDA-graphed on a GPU) or hf (transformers, the reference). A model the native runner doesn't "
             "know falls back to hf with a log line, unless native is set explicitly.", WORKERS, OneOf(RUNNERS)),
+    Setting("kernels", "auto", "What computes the native runner's linear layers: auto (each layer shape timed at "
+            "load on every path the machine offers, the fastest kept, as the worker logs), aten (torch's F.linear) or "
+            "onednn (oneDNN, the weights prepacked once; CPU only).", WORKERS, OneOf(KERNELS)),
     Setting("max_context", 4096, "Longest sequence (prompt plus output) a worker holds; the KV cache is sized for it "
             "(capped at the model's own context).", WORKERS, Range(16)),
     Setting("max_batch", 16, "Requests a worker serves at once, all in one batched forward pass per step; its KV cache "
@@ -208,6 +212,7 @@ class Config:
     verify_device: str
     dtype: str
     runner: str
+    kernels: str
     max_context: int
     max_batch: int
     lookahead: int

@@ -664,7 +664,8 @@ class Coordinator:
 
     async def _finish(self, req: Request) -> None:
         """Called on the verdict that ends the request, so its verifier is the one that computed it."""
-        stats = {**req.seq.summary(), "seed": req.sampling.seed, "runner": self.workers[req.verifier].info.runner}
+        verifier = self.workers[req.verifier].info
+        stats = {**req.seq.summary(), "seed": req.sampling.seed, "runner": verifier.runner, "kernels": verifier.kernels}
         await self._send(p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
                                 prompt_ids=req.seq.prompt_ids, stats=stats), req.client)
         self.served += 1

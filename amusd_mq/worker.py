@@ -81,7 +81,8 @@ class Worker:
                          p.Error: self.on_error}
 
     def register_message(self) -> p.Register:
-        return p.Register(role=self.role, model=self.lm.name, runner=self.lm.runner, vocab_size=self.lm.vocab_size,
+        return p.Register(role=self.role, model=self.lm.name, runner=self.lm.runner, kernels=self.lm.kernels,
+                          vocab_size=self.lm.vocab_size,
                           vocab_hash=self.lm.info.vocab_hash, max_context=self.lm.max_context,
                           eos_token_ids=self.lm.eos_token_ids, max_batch=self.cfg.max_batch)
 

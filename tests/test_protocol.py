@@ -15,7 +15,7 @@ SAMPLES = [
     p.Error(code="x", message="y"), p.Cancel(req_id="r"), p.Ping(), p.Pong(instance="i"), p.Status(req_id="s"),
     p.StatusReply(req_id="s", verifiers=1, drafts=0, queued=2, active=1, rejected={"malformed": 3}, served=4, cancelled=1,
                   clients_lost=0, failed={"internal": 1}, unhealthy=0),
-    p.Register(role="verify", model="m", runner="native", vocab_size=9, vocab_hash="h", max_context=8,
+    p.Register(role="verify", model="m", runner="native", kernels="onednn", vocab_size=9, vocab_hash="h", max_context=8,
                eos_token_ids=[], max_batch=4),
     p.Registered(seq=3, heartbeat_s=1.0, liveness=5), p.Heartbeat(), p.Failed(req_id="r", message="m"),
     p.Assign(req_id="r", prompt_ids=[1], committed=[2], epoch=1, max_new_tokens=4, stop_token_ids=[], lookahead=3,

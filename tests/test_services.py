@@ -299,7 +299,7 @@ async def test_signals_stop_every_service_within_5s(deploy, sig):
 async def test_workers_are_held_to_their_role_and_their_requests(deploy, tiny_verify):
     d = deploy(roles=("coordinator", "verify"))
     await d.wait_ready(drafts=0, timeout_s=120)
-    sign_up = dict(model="imposter", runner="hf", vocab_size=tiny_verify.vocab_size,
+    sign_up = dict(model="imposter", runner="hf", kernels="aten", vocab_size=tiny_verify.vocab_size,
                    vocab_hash=tiny_verify.info.vocab_hash, max_context=64, eos_token_ids=[], max_batch=1)
     replies = await raw_exchange(d.url, [
         [p.encode(p.Register(role="judge", **sign_up))],

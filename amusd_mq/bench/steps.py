@@ -3,7 +3,8 @@
 A step is what a worker's forward pass costs: rows of new tokens after a context already in the cache, through
 the runner's `step`, plus the argmax and the one copy to the host a verdict needs. The floor is every weight read
 once, at the copy bandwidth measured in the same run. Also plain decoding (`ar`) of 64 tokens, per token, the
-runners taking turns. The models are Llama shapes with random weights, or real models by name. Writes steps.json,
+runners taking turns. The native runner runs once per kernel path asked for (`--kernels`: `auto`, the worker's
+own choice, labelled `native`; `aten` or `onednn`, labelled `native/aten` and so on). The models are Llama shapes with random weights, or real models by name. Writes steps.json,
 and a latency profile per runner (the draft's one-token step, the verifier's step by tokens) for `amusd-mq bench
 --trace-compute latency:...`.
 """
@@ -20,6 +21,7 @@ import torch
 from ..runtime.lm import LM, Row
 from ..runtime.load import load
 from .baselines import autoregressive
+from .run import cpu_name
 from .trace import SHAPES, shaped_lm
 
 SHAPES_OF_ROWS = [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (4, 4), (8, 4)]  # (rows, tokens per row)
@@ -74,6 +76,9 @@ def main() -> None:
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b",
                     help=f"draft,verify: shapes with random weights ({', '.join(SHAPES)}) or model names")
     ap.add_argument("--runners", default="native,hf")
+    ap.add_argument("--kernels", default="auto", help="the native runner's kernel paths, comma-separated: auto, aten, "
+                    "onednn")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--context", type=int, default=256, help="tokens already in the cache")
@@ -82,40 +87,47 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, out = torch.device(args.device), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     draft_name, verify_name = args.models.split(",")
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if device.type == "cpu":
+        name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     results = {"device": name, "torch": torch.__version__, "dtype": args.dtype, "context": args.context,
                "copy_bandwidth_tb_s": bandwidth / 1e12, "ar": [], "steps": []}
-    print(f"{name}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
-    runners = args.runners.split(",")
-    profiles: dict[str, dict] = {runner: {} for runner in runners}
+    print(f"{name}: copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)", flush=True)
+    variants = [(runner, kernels) for runner in args.runners.split(",")
+                for kernels in (args.kernels.split(",") if runner == "native" else ["auto"])]
+    labels = {v: v[0] if v[1] == "auto" else f"{v[0]}/{v[1]}" for v in variants}
+    profiles: dict[str, dict] = {label: {} for label in labels.values()}
     for role, model in (("draft", draft_name), ("verify", verify_name)):
-        lms = {runner: (shaped_lm(model, runner, args.device, args.dtype, 9, args.max_context) if model in SHAPES
-                        else load(model, args.device, args.dtype, args.cache_dir, runner, 9, args.max_context))
-               for runner in runners}
+        lms = {labels[runner, kernels]: (
+            shaped_lm(model, runner, args.device, args.dtype, 9, args.max_context, kernels) if model in SHAPES
+            else load(model, args.device, args.dtype, args.cache_dir, runner, 9, args.max_context, kernels=kernels))
+            for runner, kernels in variants}
         for lm in lms.values():
             lm.warm_up()
         prompt = list(range(1, args.context + 1))
-        ar_ms = {runner: [] for runner in runners}
+        ar_ms = {label: [] for label in lms}
         for _ in range(AR_ROUNDS):  # the runners take turns, so that drift hits them alike
             for runner, lm in lms.items():
                 ar = autoregressive(lm, prompt, 64, [])
                 ar_ms[runner].append(1000 * (ar.times[-1] - ar.times[0]) / (len(ar.times) - 1))
         for runner, lm in lms.items():
             ms = statistics.median(ar_ms[runner])
-            results["ar"].append({"runner": runner, "model": model, "ms_per_token": ms})
-            print(f"{runner:>6} {model:>28} ar: {ms:7.2f} ms per token (median of {AR_ROUNDS})", flush=True)
+            results["ar"].append({"runner": runner, "kernels": lm.kernels, "model": model, "ms_per_token": ms})
+            print(f"{runner:>13} {model:>28} ar: {ms:7.2f} ms per token (median of {AR_ROUNDS})", flush=True)
             floor_ms = 1000 * weight_bytes(lm) / bandwidth
             for rows, tokens in SHAPES_OF_ROWS:
-                if runner == "hf" and rows > 1:
+                if lm.runner == "hf" and rows > 1:
                     continue  # the reference runs rows one after another: nothing to learn
                 ms = step_ms(lm, rows, tokens, args.context, args.reps)
-                results["steps"].append({"runner": runner, "model": model, "rows": rows, "tokens": tokens,
-                                         "ms": ms, "floor_ms": floor_ms, "of_floor": ms / floor_ms})
-                print(f"{runner:>6} {model:>28} {rows} x {tokens:>2}: {ms:7.2f} ms ({ms / floor_ms:4.2f}x the "
+                results["steps"].append({"runner": runner, "kernels": lm.kernels, "model": model, "rows": rows,
+                                         "tokens": tokens, "ms": ms, "floor_ms": floor_ms, "of_floor": ms / floor_ms})
+                print(f"{runner:>13} {model:>28} {rows} x {tokens:>2}: {ms:7.2f} ms ({ms / floor_ms:4.2f}x the "
                       f"{floor_ms:.2f} ms floor)", flush=True)
                 if rows == 1:
                     if role == "draft" and tokens == 1:
@@ -125,8 +137,8 @@ def main() -> None:
         del lms, lm
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for runner, profile in profiles.items():
-        (out / f"{runner}-profile.json").write_text(json.dumps(profile))
+    for label, profile in profiles.items():
+        (out / f"{label.replace('/', '-')}-profile.json").write_text(json.dumps(profile))
     (out / "steps.json").write_text(json.dumps(results, indent=1))
 
 

@@ -123,7 +123,8 @@ class LatencyProfile:
         return self.draft_ms if role == "draft" else self.verify(n)
 
 
-def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_context: int) -> LM:
+def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_context: int,
+              kernels: str = "auto") -> LM:
     """A random-weight Llama of one of SHAPES, computed by `runner`: the cost of a real model of that size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -141,7 +142,7 @@ def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_
     info = ModelInfo(name=f"shape:{shape}", vocab_size=vocab, max_context=max_context, eos_token_ids=[], vocab_hash="")
     if runner == "native":
         return NativeLM(NativeModel(config, model.state_dict(), torch.device(device), DTYPES[dtype], slots,
-                                    max_context), info)
+                                    max_context, kernels), info)
     return HFLM(model, info, slots)
 
 
@@ -151,18 +152,18 @@ class TraceLM(LM):
     VERIFY", computed by the configured runner). The role picks its half."""
 
     def __init__(self, spec: str, role: str, compute: str, runner: str, device: str = "cpu", dtype: str = "bfloat16",
-                 slots: int = 4, max_context: int = 4096):
+                 slots: int = 4, max_context: int = 4096, kernels: str = "auto"):
         self.trace = Trace.load(spec[len(TRACE_PREFIX):])
         self.role = role
         kind, _, arg = compute.partition(":")
         self.profile = self.compute = None
         if kind == "latency":
             self.profile = LatencyProfile.load(arg)
-            self.runner = "latency"
+            self.runner = self.kernels = "latency"
         elif kind == "shape":
             self.compute = shaped_lm(arg.split(",")[0 if role == "draft" else 1], runner, device, dtype, slots,
-                                     max_context)
-            self.runner = self.compute.runner
+                                     max_context, kernels)
+            self.runner, self.kernels = self.compute.runner, self.compute.kernels
         else:
             raise ValueError(f"trace compute must be {TRACE_COMPUTE}, not {compute!r}")
         super().__init__(ModelInfo(name=spec, vocab_size=self.trace.vocab_size,
@@ -173,7 +174,8 @@ class TraceLM(LM):
     @classmethod
     def for_role(cls, cfg, role: str) -> "TraceLM":
         name, device = cfg.model_of(role)
-        return cls(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.max_batch, cfg.max_context)
+        return cls(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.max_batch, cfg.max_context,
+                   cfg.kernels)
 
     def session(self) -> "TraceSession":
         return TraceSession(self)

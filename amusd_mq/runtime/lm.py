@@ -46,6 +46,7 @@ class ModelInfo:
 class LM:
     """A model and its KV-cache slots. Subclasses name their runner and implement `step`."""
     runner = ""  # "native" or "hf", reported with every result
+    kernels = "aten"  # what computes its linear layers (runtime.kernels), reported with every result
 
     def __init__(self, info: ModelInfo, slots: int, tokenizer=None):
         self.info = info

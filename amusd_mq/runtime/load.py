@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
     """The model a worker of `role` serves, as the settings describe it."""
     name, device = cfg.model_of(role)
-    return load(name, device, cfg.dtype, cfg.cache_dir, cfg.runner, cfg.max_batch, cfg.max_context, runner_chosen)
+    return load(name, device, cfg.dtype, cfg.cache_dir, cfg.runner, cfg.max_batch, cfg.max_context, runner_chosen,
+                cfg.kernels)
 
 
 def warm_for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
@@ -37,7 +38,8 @@ def warm_for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
 
 
 def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,
-         runner: str = "native", slots: int = 4, max_context: int = 4096, runner_chosen: bool = True) -> LM:
+         runner: str = "native", slots: int = 4, max_context: int = 4096, runner_chosen: bool = True,
+         kernels: str = "auto") -> LM:
     """The model `name` (an alias, a directory or a hub id) on `device`, computed by `runner`. A model the native
     runner doesn't know is an error when `native` was chosen (runner_chosen), else it falls back to transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -60,7 +62,7 @@ def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str 
     target, torch_dtype = torch.device(device), DTYPES[dtype]
     if runner == "native":
         try:
-            model = NativeModel.from_directory(path, config, target, torch_dtype, slots, info.max_context)
+            model = NativeModel.from_directory(path, config, target, torch_dtype, slots, info.max_context, kernels)
             return NativeLM(model, info, tokenizer)
         except UnsupportedModel as exc:
             if runner_chosen:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from . import kernels
 from .lm import LM, ModelInfo, Row
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
     raise UnsupportedModel(f"rope_type {kind!r} is not supported by the native runner")
 
 
+LINEARS = ("qkv", "o", "gate_up", "down", "head")  # the linear layers by role: each role's weights share a shape
+
+
 @dataclass
 class Layer:
     qkv: torch.Tensor  # q, k and v projections in one matrix: one matmul instead of three
@@ -71,7 +75,7 @@ class Layer:
 
 class NativeModel:
     def __init__(self, config, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 slots: int, max_len: int):
+                 slots: int, max_len: int, kernels: str = "auto"):
         arch = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
         if arch not in ARCHITECTURES:
             raise UnsupportedModel(f"{arch}: the native runner serves {', '.join(ARCHITECTURES)}")
@@ -87,12 +91,14 @@ class NativeModel:
         self.eps = config.rms_norm_eps
         self.slots, self.max_len = slots, max_len
         self.embed = w.pop("model.embed_tokens.weight")
-        self.head = w.pop("lm_head.weight", self.embed)  # tied when the directory has no head of its own
+        self.tied = "lm_head.weight" not in w  # the head is the embedding when the directory has none of its own
+        self.head = w.pop("lm_head.weight", self.embed)
         self.norm = w.pop("model.norm.weight")
         self.layers = [self._layer(w, i) for i in range(config.num_hidden_layers)]
         unused = [k for k in w if not k.endswith("rotary_emb.inv_freq")]
         if unused:
             raise UnsupportedModel(f"weights the native runner doesn't know what to do with: {unused[:4]}")
+        self.paths = self._choose_paths(kernels)
         self.inv_freq = rope_inv_freq(config, self.head_dim).to(device=device, dtype=torch.float32)
         shape = (len(self.layers), slots + 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -100,7 +106,7 @@ class NativeModel:
 
     @classmethod
     def from_directory(cls, path: str | Path, config, device: torch.device, dtype: torch.dtype, slots: int,
-                       max_len: int) -> "NativeModel":
+                       max_len: int, kernels: str = "auto") -> "NativeModel":
         path = Path(path)
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
@@ -108,7 +114,7 @@ class NativeModel:
         weights = {}
         for name in files:
             weights.update(load_file(str(path / name), device=str(device)))
-        return cls(config, weights, device, dtype, slots, max_len)
+        return cls(config, weights, device, dtype, slots, max_len, kernels)
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], i: int) -> Layer:
@@ -127,6 +133,34 @@ class NativeModel:
             attn_norm=w.pop(f"model.layers.{i}.input_layernorm.weight"),
             mlp_norm=w.pop(f"model.layers.{i}.post_attention_layernorm.weight"))
 
+    def _choose_paths(self, asked: str) -> dict[str, kernels.Path]:
+        """Each linear role's kernel path, timed over its own weights when there is a choice; its weights are then
+        held as that path reads them (a tied head gets a copy of its own, the embedding staying as it is)."""
+        offered = kernels.candidates(self.device, self.dtype, asked)
+        chosen, timings = {}, []
+        for role in LINEARS:
+            weights = [self.head] if role == "head" else [getattr(layer, role) for layer in self.layers]
+            path, times = kernels.choose(weights, offered)
+            chosen[role] = path
+            if times:
+                timings.append(f"{role} {path.name} (" + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
+            if role == "head":
+                self.head = path.prepare(self.head)
+            else:
+                for layer in self.layers:
+                    setattr(layer, role, path.prepare(getattr(layer, role)))
+        if timings:
+            log.info("linear kernels, by ms per weight for one row: %s", "; ".join(timings))
+        return chosen
+
+    @property
+    def kernels(self) -> str:
+        """The kernel paths of the linear layers, as reported: one name, or each role's."""
+        names = {role: path.name for role, path in self.paths.items()}
+        if len(set(names.values())) == 1:
+            return next(iter(names.values()))
+        return ",".join(f"{role}={name}" for role, name in names.items())
+
     @property
     def scratch(self) -> int:
         """The slot that padding writes to."""
@@ -134,7 +168,7 @@ class NativeModel:
 
     def weight_bytes(self) -> int:
         """What one step must read from memory at least: every weight once."""
-        tensors = [self.embed, self.norm] + ([self.head] if self.head is not self.embed else [])
+        tensors = [self.embed, self.norm] + ([] if self.tied else [self.head])
         for layer in self.layers:
             tensors += [t for t in vars(layer).values() if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -166,8 +200,9 @@ class NativeModel:
                                                                                                 float("-inf"))
         mask = mask.repeat(1, group, 1)[:, None]  # [rows, 1, group * n, keys]: the stacked queries' order
         qk_size = (heads + kv_heads) * hd
+        qkv_of, o_of, gate_up_of, down_of = (self.paths[r].apply for r in ("qkv", "o", "gate_up", "down"))
         for i, layer in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
+            qkv = qkv_of(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
             qk = qkv[..., :qk_size].view(rows, n, heads + kv_heads, hd)
             qk = qk * cos + torch.roll(qk, hd // 2, -1) * sin
             q, k = qk[:, :, :heads], qk[:, :, heads:]
@@ -177,10 +212,10 @@ class NativeModel:
             out = F.scaled_dot_product_attention(q, self.k_cache[i][read_slots, :, :keys],
                                                  self.v_cache[i][read_slots, :, :keys], attn_mask=mask)
             out = out.view(rows, kv_heads, group, n, hd).permute(0, 3, 1, 2, 4).reshape(rows, n, heads * hd)
-            x = x + F.linear(out, layer.o, layer.o_bias)
-            gate, up = F.linear(self._rms(x, layer.mlp_norm), layer.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down)
-        return F.linear(self._rms(x[:, n - n_out:], self.norm), self.head)
+            x = x + o_of(out, layer.o, layer.o_bias)
+            gate, up = gate_up_of(self._rms(x, layer.mlp_norm), layer.gate_up, None).chunk(2, dim=-1)
+            x = x + down_of(F.silu(gate) * up, layer.down, None)
+        return self.paths["head"].apply(self._rms(x[:, n - n_out:], self.norm), self.head, None)
 
 
 class Batch:
@@ -252,6 +287,7 @@ class NativeLM(LM):
     def __init__(self, model: NativeModel, info: ModelInfo, tokenizer=None):
         super().__init__(info, model.slots, tokenizer)
         self.model = model
+        self.kernels = model.kernels
         self.graphs: Graphs | None = None
 
     def warm_up(self) -> None:

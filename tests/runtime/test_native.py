@@ -45,12 +45,13 @@ def save(tmp_path, model_cls, config) -> str:
     return str(tmp_path)
 
 
+@pytest.mark.parametrize("kernels", ["aten", "onednn"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_logits_match_transformers(tmp_path, name):
+def test_logits_match_transformers(tmp_path, name, kernels):
     path = save(tmp_path, *CONFIGS[name])
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    lm = load(path, "cpu", "float32", runner="native", max_context=256)
-    assert lm.runner == "native"
+    lm = load(path, "cpu", "float32", runner="native", max_context=256, kernels=kernels)
+    assert lm.runner == "native" and lm.kernels == kernels
     ids = torch.randint(0, 258, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(ids).logits[0]
@@ -63,6 +64,31 @@ def test_logits_match_transformers(tmp_path, name):
     got = torch.cat([prefill, *steps])
     assert ((got - expected).abs().max() / scale).item() < 1e-4
     assert ((again - expected[170:190]).abs().max() / scale).item() < 1e-4
+
+
+def test_each_linear_role_takes_the_path_it_timed_fastest(tmp_path, caplog, monkeypatch):
+    from amusd_mq import config
+    from amusd_mq.runtime import kernels
+
+    assert set(kernels.PATHS) == set(config.KERNELS) - {"auto"}  # the setting offers every path there is
+    path = save(tmp_path, *CONFIGS["llama untied, GQA"])
+    timed = []
+    real = kernels.choose
+
+    def recorded(weights, paths, rows=1):
+        chosen, times = real(weights, paths, rows)
+        timed.append((chosen.name, times))
+        return chosen, times
+
+    monkeypatch.setattr(kernels, "choose", recorded)
+    with caplog.at_level(logging.INFO):
+        lm = load(path, "cpu", "bfloat16", max_context=64)
+    assert len(timed) == 5 and all(set(times) == {"aten", "onednn"} for _, times in timed)
+    assert all(times[name] == min(times.values()) for name, times in timed)
+    names = [name for name, _ in timed]
+    assert lm.kernels == (names[0] if len(set(names)) == 1 else ",".join(
+        f"{role}={name}" for role, name in zip(("qkv", "o", "gate_up", "down", "head"), names)))
+    assert "linear kernels" in caplog.text
 
 
 def test_long_prefill_runs_in_chunks(tmp_path, monkeypatch):
@@ -130,6 +156,7 @@ async def test_qwen2_through_the_services_is_transformers_own_output(deploy, qwe
                                      max_new_tokens=24, pad_token_id=tokenizer.pad_token_id)
         assert r.token_ids == out[0, len(ids):].tolist(), prompt
         assert r.stats["runner"] == "native"
+        assert {part.split("=")[-1] for part in r.stats["kernels"].split(",")} <= {"aten", "onednn"}
     assert sum(r.stats["rollbacks"] for r in greedy) > 0 and sum(r.stats["accepted"] for r in greedy) > 0
     verifier = load(verify, "cpu", "float32", runner="hf")  # its own seeded sample, through the reference runner
     for i, r in enumerate(seeded):
