@@ -10,12 +10,10 @@ default gave each worker on a 2-core host before it shared the cores).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
-import time
 from pathlib import Path
 
-from amusd_mq.bench.peers import CHATS, Server, machine, run_rounds, table
+from amusd_mq.bench.peers import CHATS, Server, report, run_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"default": {}, "tuned": {"AMUSD_THREADS": "1"}, "2-plus-2": {"AMUSD_THREADS": "2"}}
@@ -38,15 +36,8 @@ def main() -> None:
     out = Path(args.out)
     chosen = [honcho(name, extra) for name, extra in SETTINGS.items()]
     results = run_rounds(chosen, CHATS, args.tokens, args.rounds, out)
-    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "chats": CHATS,
-               "settings": SETTINGS, "results": results}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    text = (f"Machine: {summary['machine']}; {summary['date']}; `honcho start` with .env.example's values (Qwen2.5-"
-            f"Coder 0.5B draft + 1.5B verify, bf16, native runner) and {SETTINGS}, {len(CHATS)} chats of "
-            f"{args.tokens} greedy tokens each through the openai client, one at a time; ms/token from the first "
-            f"streamed token to the last.\n\n" + table(results, chosen) + "\n")
-    (out / "table.md").write_text(text)
-    print(text)
+    report(out, chosen, results, args.tokens, f"`honcho start` with .env.example's values (Qwen2.5-Coder 0.5B draft "
+           f"+ 1.5B verify, bf16, native runner) and {SETTINGS}", settings=SETTINGS)
 
 
 if __name__ == "__main__":

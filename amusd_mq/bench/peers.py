@@ -226,12 +226,17 @@ def main() -> None:
         keep |= {s.base for s in chosen if s.name in keep} | {s.reference for s in chosen if s.name in keep}
         chosen = [s for s in chosen if s.name in keep]
     results = run_rounds(chosen, CHATS, args.tokens, args.rounds, out)
-    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "tokens": args.tokens, "chats": CHATS,
-               "threads": args.threads, "results": results}
+    report(out, chosen, results, args.tokens, "one server at a time", threads=args.threads)
+
+
+def report(out: Path, chosen: list[Server], results: list[dict], tokens: int, setup: str, **extra) -> None:
+    """results.json and table.md in `out`, the table printed too."""
+    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "tokens": tokens, "chats": CHATS, **extra,
+               "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    text = (f"Machine: {summary['machine']}; {summary['date']}; {len(CHATS)} chats of {args.tokens} greedy tokens "
-            f"(`ignore_eos`) through the openai client, one at a time, one server at a time; ms/token from the first "
-            f"streamed token to the last.\n\n" + table(results, chosen) + "\n")
+    text = (f"Machine: {summary['machine']}; {summary['date']}; {setup}; {len(CHATS)} chats of {tokens} greedy "
+            f"tokens (`ignore_eos`) through the openai client, one at a time; ms/token from the first streamed token "
+            f"to the last.\n\n" + table(results, chosen) + "\n")
     (out / "table.md").write_text(text)
     print(text)
 
