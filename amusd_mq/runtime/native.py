@@ -31,6 +31,14 @@ def row_buckets(slots: int) -> tuple[int, ...]:
     """Rows per step that a CUDA graph is captured for: powers of two up to the slots, and the slots."""
     return tuple(sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)}))
 PREFILL_CHUNK = 512  # a long prefill runs in chunks of this many tokens, so its activations stay small
+# So that a token's logits are the same bit for bit whether it is decoded alone or verified among others (greedy
+# speculation then commits exactly what plain decoding would, bf16 included), attention is given shapes that
+# torch's CPU flash-attention kernel reduces alike: keys in whole blocks of its 512 (it reduces a lone shorter
+# block in another order; positions past a row's own are masked), and queries per key-value head in a multiple of 4
+# (it splits them into blocks of 32 or more, and computes a block of 1-3 in another order). The linear layers get
+# the same from runtime.kernels.
+KEY_BLOCK = 512
+QUERY_MULTIPLE = 4
 
 
 class UnsupportedModel(ValueError):
@@ -98,7 +106,7 @@ class NativeModel:
         unused = [k for k in w if not k.endswith("rotary_emb.inv_freq")]
         if unused:
             raise UnsupportedModel(f"weights the native runner doesn't know what to do with: {unused[:4]}")
-        self.paths = self._choose_paths(kernels)
+        self.linears = self._choose_kernels(kernels)
         self.inv_freq = rope_inv_freq(config, self.head_dim).to(device=device, dtype=torch.float32)
         shape = (len(self.layers), slots + 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -133,30 +141,38 @@ class NativeModel:
             attn_norm=w.pop(f"model.layers.{i}.input_layernorm.weight"),
             mlp_norm=w.pop(f"model.layers.{i}.post_attention_layernorm.weight"))
 
-    def _choose_paths(self, asked: str) -> dict[str, kernels.Path]:
-        """Each linear role's kernel path, timed over its own weights when there is a choice; its weights are then
-        held as that path reads them (a tied head gets a copy of its own, the embedding staying as it is)."""
+    def _choose_kernels(self, asked: str) -> dict[str, kernels.Kernel]:
+        """Each linear role's kernel, timed over its own weights; its weights are then held as that kernel's path
+        reads them (a tied head gets a copy of its own, the embedding staying as it is)."""
         offered = kernels.candidates(self.device, self.dtype, asked)
-        chosen, timings = {}, []
+        chosen, timings, variant = {}, [], []
         for role in LINEARS:
             weights = [self.head] if role == "head" else [getattr(layer, role) for layer in self.layers]
-            path, times = kernels.choose(weights, offered)
-            chosen[role] = path
+            kernel, times, invariant = kernels.choose(weights, offered)
+            chosen[role] = kernel
+            if invariant is False:
+                variant.append(role)
             if times:
-                timings.append(f"{role} {path.name} (" + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
+                timings.append(f"{role} {kernel.name} (" + ", ".join(f"{k} {v:.3f}" for k, v in times.items()) + ")")
             if role == "head":
-                self.head = path.prepare(self.head)
+                self.head = kernel.path.prepare(self.head)
             else:
                 for layer in self.layers:
-                    setattr(layer, role, path.prepare(getattr(layer, role)))
+                    setattr(layer, role, kernel.path.prepare(getattr(layer, role)))
         if timings:
-            log.info("linear kernels, by ms per weight for one row: %s", "; ".join(timings))
+            log.info("linear kernels (path/rows a smaller input is padded to), by ms per weight for one row: %s",
+                     "; ".join(timings))
+        self.batch_invariant = not variant  # as far as the linear layers go: attention is shaped for it in forward
+        if variant:
+            log.warning("no %s kernel for %s here gives a row the same result in every batch size: speculation's "
+                        "greedy output can differ from plain decoding's where two tokens nearly tie",
+                        self.dtype, ", ".join(variant))
         return chosen
 
     @property
     def kernels(self) -> str:
-        """The kernel paths of the linear layers, as reported: one name, or each role's."""
-        names = {role: path.name for role, path in self.paths.items()}
+        """The kernels of the linear layers, as reported: one name, or each role's."""
+        names = {role: kernel.name for role, kernel in self.linears.items()}
         if len(set(names.values())) == 1:
             return next(iter(names.values()))
         return ",".join(f"{role}={name}" for role, name in names.items())
@@ -199,8 +215,11 @@ class NativeModel:
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=tokens.device).masked_fill_(~visible,
                                                                                                 float("-inf"))
         mask = mask.repeat(1, group, 1)[:, None]  # [rows, 1, group * n, keys]: the stacked queries' order
+        queries = group * n
+        padding = -queries % QUERY_MULTIPLE
+        mask = torch.cat([mask, mask[:, :, :1].expand(-1, -1, padding, -1)], 2) if padding else mask
         qk_size = (heads + kv_heads) * hd
-        qkv_of, o_of, gate_up_of, down_of = (self.paths[r].apply for r in ("qkv", "o", "gate_up", "down"))
+        qkv_of, o_of, gate_up_of, down_of = (self.linears[r] for r in ("qkv", "o", "gate_up", "down"))
         for i, layer in enumerate(self.layers):
             qkv = qkv_of(self._rms(x, layer.attn_norm), layer.qkv, layer.qkv_bias)
             qk = qkv[..., :qk_size].view(rows, n, heads + kv_heads, hd)
@@ -208,14 +227,16 @@ class NativeModel:
             q, k = qk[:, :, :heads], qk[:, :, heads:]
             self.k_cache[i][write_slots, :, positions] = k
             self.v_cache[i][write_slots, :, positions] = qkv[..., qk_size:].view(rows, n, kv_heads, hd)
-            q = q.view(rows, n, kv_heads, group, hd).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, group * n, hd)
+            q = q.view(rows, n, kv_heads, group, hd).permute(0, 2, 3, 1, 4).reshape(rows, kv_heads, queries, hd)
+            if padding:
+                q = torch.cat([q, q.new_zeros(rows, kv_heads, padding, hd)], 2)
             out = F.scaled_dot_product_attention(q, self.k_cache[i][read_slots, :, :keys],
                                                  self.v_cache[i][read_slots, :, :keys], attn_mask=mask)
-            out = out.view(rows, kv_heads, group, n, hd).permute(0, 3, 1, 2, 4).reshape(rows, n, heads * hd)
+            out = out[:, :, :queries].reshape(rows, kv_heads, group, n, hd).permute(0, 3, 1, 2, 4).reshape(rows, n, heads * hd)
             x = x + o_of(out, layer.o, layer.o_bias)
             gate, up = gate_up_of(self._rms(x, layer.mlp_norm), layer.gate_up, None).chunk(2, dim=-1)
             x = x + down_of(F.silu(gate) * up, layer.down, None)
-        return self.paths["head"].apply(self._rms(x[:, n - n_out:], self.norm), self.head, None)
+        return self.linears["head"](self._rms(x[:, n - n_out:], self.norm), self.head, None)
 
 
 class Batch:
@@ -312,7 +333,8 @@ class NativeLM(LM):
 
     def _eager(self, rows: list[Row], n_out: int | None = None) -> torch.Tensor:
         n_tokens = max(len(r.tokens) for r in rows)
-        keys = max(r.start + len(r.tokens) for r in rows)  # only the positions some row can see
+        seen = max(r.start + len(r.tokens) for r in rows)  # only the positions some row can see, in whole blocks
+        keys = min(self.model.max_len, -(-seen // KEY_BLOCK) * KEY_BLOCK)
         batch = Batch(rows, len(rows), n_tokens, self.model.scratch)
         return self.model.forward(*batch.to(self.model.device), keys, n_out or max(r.n_out for r in rows))
 

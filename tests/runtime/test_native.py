@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -13,6 +14,8 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from conftest import mismatches_alone_and_in_a_pass
 
 from amusd_mq import models
 from amusd_mq.runtime.load import load
@@ -51,7 +54,7 @@ def test_logits_match_transformers(tmp_path, name, kernels):
     path = save(tmp_path, *CONFIGS[name])
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     lm = load(path, "cpu", "float32", runner="native", max_context=256, kernels=kernels)
-    assert lm.runner == "native" and lm.kernels == kernels
+    assert lm.runner == "native" and {part.split("=")[-1].split("/")[0] for part in lm.kernels.split(",")} == {kernels}
     ids = torch.randint(0, 258, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(ids).logits[0]
@@ -66,7 +69,7 @@ def test_logits_match_transformers(tmp_path, name, kernels):
     assert ((again - expected[170:190]).abs().max() / scale).item() < 1e-4
 
 
-def test_each_linear_role_takes_the_path_it_timed_fastest(tmp_path, caplog, monkeypatch):
+def test_each_linear_role_takes_the_kernel_it_timed_fastest(tmp_path, caplog, monkeypatch):
     from amusd_mq import config
     from amusd_mq.runtime import kernels
 
@@ -75,20 +78,63 @@ def test_each_linear_role_takes_the_path_it_timed_fastest(tmp_path, caplog, monk
     timed = []
     real = kernels.choose
 
-    def recorded(weights, paths, rows=1):
-        chosen, times = real(weights, paths, rows)
-        timed.append((chosen.name, times))
-        return chosen, times
+    def recorded(weights, paths):
+        chosen, times, invariant = real(weights, paths)
+        timed.append((chosen.name, times, invariant))
+        return chosen, times, invariant
 
     monkeypatch.setattr(kernels, "choose", recorded)
     with caplog.at_level(logging.INFO):
         lm = load(path, "cpu", "bfloat16", max_context=64)
-    assert len(timed) == 5 and all(set(times) == {"aten", "onednn"} for _, times in timed)
-    assert all(times[name] == min(times.values()) for name, times in timed)
-    names = [name for name, _ in timed]
+    every = {f"{p}/{rows}" for p in ("aten", "onednn") for rows in kernels.ROWS}
+    assert len(timed) == 5 and all(set(times) == every for _, times, _ in timed)
+    assert all(invariant for _, _, invariant in timed)  # on this CPU, padded to a batch, every path is
+    assert all(times[name] == min(times.values()) for name, times, _ in timed)
+    names = [name for name, _, _ in timed]
     assert lm.kernels == (names[0] if len(set(names)) == 1 else ",".join(
         f"{role}={name}" for role, name in zip(("qkv", "o", "gate_up", "down", "head"), names)))
     assert "linear kernels" in caplog.text
+
+
+def test_a_kernel_whose_rows_depend_on_the_batch_is_taken_only_when_nothing_else_runs(caplog):
+    from amusd_mq.runtime import kernels
+
+    weights = [torch.randn(64, 32) for _ in range(3)]
+    variant = kernels.Path("variant", lambda w: w, lambda x, w, b: F.linear(x, w, b) + 1e-3 * x.shape[0])
+    by_row = kernels.Path("by-row", lambda w: w, lambda x, w, b: torch.stack([F.linear(row, w, b) for row in x]))
+    chosen, times, invariant = kernels.choose(weights, (variant, by_row))
+    assert chosen.path is by_row and invariant
+    assert set(times) == {f"{p}/{rows}" for p in ("variant", "by-row") for rows in kernels.ROWS}
+    chosen, times, invariant = kernels.choose(weights, (variant,))
+    assert chosen.path is variant and invariant is False
+    assert chosen.name == min(times, key=times.get)
+
+
+def test_a_padded_kernel_gives_each_row_what_the_path_gives_it():
+    from amusd_mq.runtime import kernels
+
+    w, b = torch.randn(48, 32), torch.randn(48)
+    x = torch.randn(1, 3, 32)
+    for rows in (1, 2, 4, 8):
+        y = kernels.Kernel(kernels.ATEN, rows)(x, w, b)
+        assert y.shape == (1, 3, 48) and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kernels", ["auto", "aten", "onednn"])
+def test_a_token_gets_the_same_logits_decoded_alone_as_verified_among_others(tmp_path, caplog, dtype, kernels):
+    """Bit for bit, so that greedy speculation commits exactly what plain decoding does: in one pass of several
+    tokens, beside another sequence's row, and across the attention's key blocks; wherever the kernels chosen
+    say so at load, which the default choice does on this machine, and a warning where they can't."""
+    path = save(tmp_path, Qwen2ForCausalLM, Qwen2Config(**{**BASE, "max_position_embeddings": 1100},
+                                                         num_key_value_heads=2, tie_word_embeddings=True))
+    with caplog.at_level(logging.WARNING):
+        lm = load(path, "cpu", dtype, runner="native", slots=4, max_context=1100, kernels=kernels)
+    assert lm.model.batch_invariant or kernels != "auto"
+    assert lm.model.batch_invariant == ("can differ from plain decoding" not in caplog.text)
+    if not lm.model.batch_invariant:
+        return
+    assert mismatches_alone_and_in_a_pass(lm, [(5, 5), (60, 3), (505, 8), (510, 7), (1020, 6)]) == []
 
 
 def test_long_prefill_runs_in_chunks(tmp_path, monkeypatch):
@@ -156,7 +202,7 @@ async def test_qwen2_through_the_services_is_transformers_own_output(deploy, qwe
                                      max_new_tokens=24, pad_token_id=tokenizer.pad_token_id)
         assert r.token_ids == out[0, len(ids):].tolist(), prompt
         assert r.stats["runner"] == "native"
-        assert {part.split("=")[-1] for part in r.stats["kernels"].split(",")} <= {"aten", "onednn"}
+        assert {part.split("=")[-1].split("/")[0] for part in r.stats["kernels"].split(",")} <= {"aten", "onednn"}
     assert sum(r.stats["rollbacks"] for r in greedy) > 0 and sum(r.stats["accepted"] for r in greedy) > 0
     verifier = load(verify, "cpu", "float32", runner="hf")  # its own seeded sample, through the reference runner
     for i, r in enumerate(seeded):
