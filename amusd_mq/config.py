@@ -142,8 +142,10 @@ SETTINGS = (
             "cache, CUDA-graphed on a GPU) or hf (transformers, the reference). A model the native runner doesn't "
             "know falls back to hf with a log line, unless native is set explicitly.", WORKERS, OneOf(RUNNERS)),
     Setting("kernels", "auto", "What computes the native runner's linear layers: auto (each layer shape timed at "
-            "load on every path the machine offers, the fastest kept, as the worker logs), aten (torch's F.linear) or "
-            "onednn (oneDNN, the weights prepacked once; CPU only).", WORKERS, OneOf(KERNELS)),
+            "load on every path the machine offers, the fastest kept among those whose results don't depend on the "
+            "batch, as the worker logs), aten (torch's F.linear) or onednn (oneDNN, the weights prepacked once; CPU "
+            "only). Reported as path/rows: inputs of fewer rows are padded to that many.", WORKERS,
+            OneOf(KERNELS)),
     Setting("max_context", 4096, "Longest sequence (prompt plus output) a worker holds; the KV cache is sized for it "
             "(capped at the model's own context).", WORKERS, Range(16)),
     Setting("max_batch", 16, "Requests a worker serves at once, all in one batched forward pass per step; its KV cache "

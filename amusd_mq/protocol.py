@@ -208,7 +208,7 @@ class Register(Message):
     role: str  # "draft" or "verify"
     model: str
     runner: str  # what computes its forward passes: "native" or "hf" (or a benchmark's stand-in)
-    kernels: str  # what computes its linear layers: a kernel path, or each layer role's ("qkv=onednn,o=aten,...")
+    kernels: str  # what computes its linear layers: path/rows ("onednn/4"), or each role's ("qkv=onednn/4,o=aten/2")
     vocab_size: int
     vocab_hash: str
     max_context: int

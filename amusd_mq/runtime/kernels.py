@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
-TIMING_ROUNDS = 2  # passes over a shape's weights per path; the faster of them counts
+TIMING_ROUNDS = 3  # passes over a shape's weights per kernel; the fastest of them counts
 TIMING_BYTES = 256 << 20  # weights timed per shape: more than any CPU cache holds, so they stream from memory
 # Rows a smaller input is padded to. A lone row takes other kernels than a batch's rows (oneDNN's and F.linear's
 # on the development machine's EPYC both reduce it in another order), and then a token decoded alone would get
@@ -95,16 +95,16 @@ def choose(weights: list[torch.Tensor], paths: tuple[Path, ...]) -> tuple[Kernel
     times, invariant = {}, {}
     for path in paths:
         prepared = [path.prepare(w) for w in weights]
-        for rows in ROWS:
-            kernel = Kernel(path, rows)
-            invariant[kernel] = _agrees(path, prepared[0], x, rows)  # its first calls also choose its kernel
-            best = float("inf")
-            for _ in range(TIMING_ROUNDS):
+        padded = [Kernel(path, rows) for rows in ROWS]
+        for kernel in padded:
+            invariant[kernel] = _agrees(path, prepared[0], x, kernel.rows)  # its first calls also pick its kernel
+            times[kernel.name] = float("inf")
+        for _ in range(TIMING_ROUNDS):  # the paddings take turns, so that a drift of the machine's speed hits all
+            for kernel in padded:
                 start = time.perf_counter()
                 for w in prepared:
                     kernel(x[:1], w, None)
-                best = min(best, time.perf_counter() - start)
-            times[kernel.name] = best * 1000 / len(weights)
+                times[kernel.name] = min(times[kernel.name], (time.perf_counter() - start) * 1000 / len(weights))
         del prepared
     admissible = [k for k in invariant if invariant[k]] or list(invariant)
     fastest = min(admissible, key=lambda k: times[k.name])

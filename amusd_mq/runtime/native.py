@@ -232,7 +232,8 @@ class NativeModel:
                 q = torch.cat([q, q.new_zeros(rows, kv_heads, padding, hd)], 2)
             out = F.scaled_dot_product_attention(q, self.k_cache[i][read_slots, :, :keys],
                                                  self.v_cache[i][read_slots, :, :keys], attn_mask=mask)
-            out = out[:, :, :queries].reshape(rows, kv_heads, group, n, hd).permute(0, 3, 1, 2, 4).reshape(rows, n, heads * hd)
+            out = out[:, :, :queries].reshape(rows, kv_heads, group, n, hd)
+            out = out.permute(0, 3, 1, 2, 4).reshape(rows, n, heads * hd)
             x = x + o_of(out, layer.o, layer.o_bias)
             gate, up = gate_up_of(self._rms(x, layer.mlp_norm), layer.gate_up, None).chunk(2, dim=-1)
             x = x + down_of(F.silu(gate) * up, layer.down, None)
