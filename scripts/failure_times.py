@@ -22,7 +22,7 @@ import openai
 
 from amusd_mq import AsyncClient, models
 from amusd_mq.bench.baselines import autoregressive
-from amusd_mq.bench.run import cpu_name
+from amusd_mq.bench.run import cpu_line
 from amusd_mq.launch import Deployment
 from amusd_mq.runtime.load import load
 from amusd_mq.worker import PROBE
@@ -149,10 +149,10 @@ async def main(args) -> None:
                **bad_setting()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores"
-    (out / "results.json").write_text(json.dumps({"machine": machine, "date": time.strftime("%Y-%m-%d"),
+    host = cpu_line()
+    (out / "results.json").write_text(json.dumps({"machine": host, "date": time.strftime("%Y-%m-%d"),
                                                   "figures": figures}, indent=1))
-    lines = [f"Machine: {machine}; {time.strftime('%Y-%m-%d')}; tiny fp32 models, heartbeat 0.25 s.", "",
+    lines = [f"Machine: {host}; {time.strftime('%Y-%m-%d')}; tiny fp32 models, heartbeat 0.25 s.", "",
              "| case | seconds | what the client saw |", "|---|---|---|"]
     lines += [f"| {case} | {s:.3f} | {what} |" for case, (s, what) in figures.items()]
     (out / "table.md").write_text("\n".join(lines) + "\n")

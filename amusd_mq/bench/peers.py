@@ -29,20 +29,14 @@ import openai
 
 from .. import models
 from ..config import DRAFT, VERIFY, load
-from .run import cpu_name
+from ..launch import Deployment
+from .run import cpu_line
 
 CHATS = ["Write a Python function that checks whether a string is a palindrome.",
          "Explain the difference between a list and a tuple in Python.",
          "Write a SQL query that returns the ten most recent orders of each customer.",
          "How do I read a large CSV file in chunks with pandas?"]
 STARTUP_S = 900  # vLLM compiles at start: 100-230 s on the development machine
-
-
-def machine() -> str:
-    """The CPU, the cores this process may use, and the vector ISA that decides the kernels."""
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f" {f}" in flags]
-    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, {'/'.join(isa) or 'no AVX'}"
 
 
 def free_port() -> int:
@@ -195,8 +189,6 @@ def servers(args) -> list[Server]:
 
 def serve(roles: str) -> None:
     """The deployment of one of amusd-mq's servers, in this process's group: stopped together."""
-    from ..launch import Deployment
-
     with tempfile.TemporaryDirectory(prefix="amusd-peers-logs-") as logs:
         deployment = Deployment({}, logs, tuple(roles.split(",")))
         signal.signal(signal.SIGTERM, lambda *_: (deployment.stop(), os._exit(0)))
@@ -231,7 +223,7 @@ def main() -> None:
 
 def report(out: Path, chosen: list[Server], results: list[dict], tokens: int, setup: str, **extra) -> None:
     """results.json and table.md in `out`, the table printed too."""
-    summary = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "tokens": tokens, "chats": CHATS, **extra,
+    summary = {"machine": cpu_line(), "date": time.strftime("%Y-%m-%d"), "tokens": tokens, "chats": CHATS, **extra,
                "results": results}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     text = (f"Machine: {summary['machine']}; {summary['date']}; {setup}; {len(CHATS)} chats of {tokens} greedy "

@@ -316,6 +316,16 @@ def machine(cfg: c.Config) -> dict:
     return info
 
 
+def cpu_line() -> str:
+    """The CPU, the cores this process may use, and the vector ISA that decides the kernels."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f" {f}" in flags]
+    return f"{cpu_name()}, {len(os.sched_getaffinity(0))} cores, {'/'.join(isa) or 'no AVX'}"
+
+
 def cpu_name() -> str:
     """The CPU's model name (platform.processor() is empty on most Linux systems)."""
     try:

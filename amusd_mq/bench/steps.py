@@ -4,8 +4,8 @@ A step is what a worker's forward pass costs: rows of new tokens after a context
 the runner's `step`, plus the argmax and the one copy to the host a verdict needs. The floor is every weight read
 once, at the copy bandwidth measured in the same run. Also plain decoding (`ar`) of 64 tokens, per token, the
 runners taking turns. The native runner runs once per kernel path asked for (`--kernels`: `auto`, the worker's
-own choice, labelled `native`; `aten` or `onednn`, labelled `native/aten` and so on). The models are Llama shapes with random weights, or real models by name. Writes steps.json,
-and a latency profile per runner (the draft's one-token step, the verifier's step by tokens) for `amusd-mq bench
+own choice, labelled `native`; `aten` or `onednn`, labelled `native/aten` and so on). The models are Llama shapes
+with random weights, or real models by name. Writes steps.json, and a latency profile per runner (the draft's one-token step, the verifier's step by tokens) for `amusd-mq bench
 --trace-compute latency:...`.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from ..runtime.lm import LM, Row
 from ..runtime.load import load
 from .baselines import autoregressive
-from .run import cpu_name
+from .run import cpu_line
 from .trace import SHAPES, shaped_lm
 
 SHAPES_OF_ROWS = [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (4, 4), (8, 4)]  # (rows, tokens per row)
@@ -93,9 +93,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     draft_name, verify_name = args.models.split(",")
     bandwidth = copy_bandwidth(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    if device.type == "cpu":
-        name = f"{cpu_name()}, {torch.get_num_threads()} threads"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"{cpu_line()}, {torch.get_num_threads()} threads")
     results = {"device": name, "torch": torch.__version__, "dtype": args.dtype, "context": args.context,
                "copy_bandwidth_tb_s": bandwidth / 1e12, "ar": [], "steps": []}
     print(f"{name}: copy bandwidth {bandwidth / 1e12:.3f} TB/s (read + write)", flush=True)

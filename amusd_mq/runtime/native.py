@@ -106,7 +106,7 @@ class NativeModel:
         unused = [k for k in w if not k.endswith("rotary_emb.inv_freq")]
         if unused:
             raise UnsupportedModel(f"weights the native runner doesn't know what to do with: {unused[:4]}")
-        self.linears = self._choose_kernels(kernels)
+        self.linears, self.batch_invariant = self._choose_kernels(kernels)
         self.inv_freq = rope_inv_freq(config, self.head_dim).to(device=device, dtype=torch.float32)
         shape = (len(self.layers), slots + 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -141,9 +141,10 @@ class NativeModel:
             attn_norm=w.pop(f"model.layers.{i}.input_layernorm.weight"),
             mlp_norm=w.pop(f"model.layers.{i}.post_attention_layernorm.weight"))
 
-    def _choose_kernels(self, asked: str) -> dict[str, kernels.Kernel]:
-        """Each linear role's kernel, timed over its own weights; its weights are then held as that kernel's path
-        reads them (a tied head gets a copy of its own, the embedding staying as it is)."""
+    def _choose_kernels(self, asked: str) -> tuple[dict[str, kernels.Kernel], bool]:
+        """Each linear role's kernel, timed over its own weights, and whether all of them are batch-invariant (as
+        far as the linear layers go: forward shapes attention for it); its weights are then held as that kernel's
+        path reads them (a tied head gets a copy of its own, the embedding staying as it is)."""
         offered = kernels.candidates(self.device, self.dtype, asked)
         chosen, timings, variant = {}, [], []
         for role in LINEARS:
@@ -162,12 +163,11 @@ class NativeModel:
         if timings:
             log.info("linear kernels (path/rows a smaller input is padded to), by ms per weight for one row: %s",
                      "; ".join(timings))
-        self.batch_invariant = not variant  # as far as the linear layers go: attention is shaped for it in forward
         if variant:
             log.warning("no %s kernel for %s here gives a row the same result in every batch size: speculation's "
                         "greedy output can differ from plain decoding's where two tokens nearly tie",
                         self.dtype, ", ".join(variant))
-        return chosen
+        return chosen, not variant
 
     @property
     def kernels(self) -> str:
