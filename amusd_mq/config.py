@@ -20,6 +20,7 @@ CLIENTS = (GATEWAY, CLIENT)  # what connects to the coordinator as a client
 DTYPES = ("float32", "bfloat16", "float16")
 RUNNERS = ("native", "hf")
 KERNELS = ("auto", "aten", "onednn")  # auto, or one of runtime.kernels.PATHS
+QUANTS = ("none", "int8", "int4")  # none, or one of runtime.kernels.QUANTIZED
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -146,6 +147,12 @@ SETTINGS = (
             "batch, as the worker logs), aten (torch's F.linear) or onednn (oneDNN, the weights prepacked once; CPU "
             "only). Reported as path/rows: inputs of fewer rows are padded to that many.", WORKERS,
             OneOf(KERNELS)),
+    Setting("draft_quant", "none", "Weight-only quantization of the draft model's linear layers, native runner only: "
+            "none, int8 (a scale per output channel) or int4 (a scale and zero per 32 inputs; CPU). The output stays "
+            "the verify model's; only how often the draft guesses right changes.", (DRAFT,), OneOf(QUANTS)),
+    Setting("verify_quant", "none", "Weight-only quantization of the verify model's linear layers, as for the "
+            "draft: the model served is then the quantized one, and the output is its own greedy output, not the "
+            "unquantized model's.", (VERIFY,), OneOf(QUANTS)),
     Setting("max_context", 4096, "Longest sequence (prompt plus output) a worker holds; the KV cache is sized for it "
             "(capped at the model's own context).", WORKERS, Range(16)),
     Setting("max_batch", 16, "Requests a worker serves at once, all in one batched forward pass per step; its KV cache "
@@ -215,6 +222,8 @@ class Config:
     dtype: str
     runner: str
     kernels: str
+    draft_quant: str
+    verify_quant: str
     max_context: int
     max_batch: int
     lookahead: int
@@ -273,6 +282,9 @@ class Config:
             return 1
         cores = len(os.sched_getaffinity(0))
         return max(1, (cores - sum(d != "cpu" for d in devices)) // devices.count("cpu"))
+
+    def quant_of(self, role: str) -> str:
+        return self.draft_quant if role == DRAFT else self.verify_quant
 
     def model_of(self, role: str) -> tuple[str, str]:
         """The model a worker of `role` serves, and its device."""

@@ -372,8 +372,7 @@ class Coordinator:
     def _encode(self, msg: p.Generate) -> list[int]:
         if msg.messages is None:
             return self.vocab.tokenizer.encode(msg.prompt).ids
-        # The template writes any special tokens the model expects; the tokenizer must not add its own.
-        return self.vocab.tokenizer.encode(self.vocab.chat.render(msg.messages), add_special_tokens=False).ids
+        return self.vocab.chat_ids(msg.messages)
 
     async def _enqueue(self, admitted: Admitted, ids: list[int]) -> None:
         """Queue an admitted request once its prompt ids are known, or refuse it."""

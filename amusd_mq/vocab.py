@@ -39,6 +39,11 @@ class Vocabulary:
         digest = hashlib.sha256(json.dumps(mapping, ensure_ascii=False).encode()).hexdigest()
         return cls(digest, backend, ChatTemplate.of(tokenizer))
 
+    def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """A chat's prompt ids (ChatError if the template refuses the messages)."""
+        # The template writes any special tokens the model expects; the tokenizer must not add its own.
+        return self.tokenizer.encode(self.chat.render(messages), add_special_tokens=False).ids
+
 
 def load_tokenizer(path: str):
     """transformers' tokenizer of a model directory or hub id: the one loader of every service."""

@@ -24,7 +24,7 @@ def honcho(name: str, extra: dict[str, str]) -> Server:
     env_file = Path(tempfile.mkdtemp(prefix="amusd-honcho-")) / ".env"
     env_file.write_text((ROOT / ".env.example").read_text() + "".join(f"{k}={v}\n" for k, v in extra.items()))
     return Server(name, ["honcho", "-d", str(ROOT), "-f", str(ROOT / "Procfile"), "start", "-e", str(env_file)],
-                  8000, "tuned", "tuned")
+                  8000, ("tuned",), "tuned")
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     out = Path(args.out)
     chosen = [honcho(name, extra) for name, extra in SETTINGS.items()]
     results = run_rounds(chosen, CHATS, args.tokens, args.rounds, out)
-    report(out, chosen, results, args.tokens, f"`honcho start` with .env.example's values (Qwen2.5-Coder 0.5B draft "
+    report(out, [chosen], results, args.tokens, f"`honcho start` with .env.example's values (Qwen2.5-Coder 0.5B draft "
            f"+ 1.5B verify, bf16, native runner) and {SETTINGS}", settings=SETTINGS)
 
 

@@ -171,6 +171,11 @@ def traced_deployment(tiny_cache, draft, verify, tmp_path, prompts: int, profile
     return trace, tokenized, cfg
 
 
+def kernel_paths(reported: str) -> set[str]:
+    """The paths in a worker's reported kernels ("onednn/4", or per role "qkv=onednn/4,o=aten,...")."""
+    return {part.split("=")[-1].split("/")[0] for part in reported.split(",")}
+
+
 def mismatches_alone_and_in_a_pass(lm, cases, seed: int = 3) -> list[tuple[int, int]]:
     """(length, i) wherever the token at length + i gets other logits decoded alone than verified in one pass of n
     after `length` tokens, or than decoded beside another sequence's row: for each (length, n) of cases."""

@@ -9,11 +9,12 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from conftest import PROMPTS, raw_exchange
+from conftest import PROMPTS, kernel_paths, raw_exchange
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError
 from amusd_mq import protocol as p
 from amusd_mq.bench.baselines import autoregressive
+from amusd_mq.runtime.load import load
 from amusd_mq.sampling import Sampling
 
 pytestmark = pytest.mark.asyncio
@@ -237,6 +238,25 @@ async def test_verifier_alone_serves_without_a_draft_on_either_runner(deploy, re
     assert r.token_ids == reference(tiny_verify.tokenizer("for i in range(10):")["input_ids"], 20)
     assert r.stats["proposed"] == 0 and r.stats["verify_steps"] == len(r.token_ids)
     assert r.stats["runner"] == runner and f"{runner} runner" in d.log_tail("verify")
+
+
+async def test_a_quantized_draft_keeps_the_output_and_a_quantized_verifier_serves_its_own(deploy, reference, tiny_cache,
+                                                                                           tiny_verify):
+    d = deploy(AMUSD_DRAFT_QUANT="int8", **SPEEDS["draft_much_faster"])
+    await d.wait_ready(timeout_s=120)
+    ids = tiny_verify.tokenizer("Once upon a time")["input_ids"]
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        r = await client.generate(prompt_ids=ids, max_new_tokens=24)
+    assert r.token_ids == reference(ids, 24) and r.stats["accepted"] > 0
+    d.stop()
+    quantized = load("tiny-verify", "cpu", "float32", tiny_cache, quant="int4")
+    d = deploy(AMUSD_DRAFT_QUANT="int8", AMUSD_VERIFY_QUANT="int4", **SPEEDS["draft_much_faster"])
+    await d.wait_ready(timeout_s=120)
+    async with AsyncClient(d.url, timeout_s=30) as client:
+        r = await client.generate(prompt_ids=ids, max_new_tokens=24)
+    assert r.token_ids == autoregressive(quantized, ids, 24, quantized.eos_token_ids).token_ids
+    assert r.token_ids != reference(ids, 24)[:len(r.token_ids)]  # so the test tells the two models apart
+    assert kernel_paths(r.stats["kernels"]) == {"int4"}
 
 
 async def test_stop_token_ids(deploy, reference, tiny_verify):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.kernels import QUANTIZED
 from ..runtime.lm import LM, Row
 from ..runtime.load import load
 from .baselines import autoregressive
@@ -71,13 +72,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def paths(kernels: str) -> tuple[str, str]:
+    """--kernels' value as (AMUSD_KERNELS, quantization)."""
+    return ("auto", kernels) if kernels in QUANTIZED else (kernels, "none")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="llama-3.2-1b,llama-3.1-8b",
                     help=f"draft,verify: shapes with random weights ({', '.join(SHAPES)}) or model names")
     ap.add_argument("--runners", default="native,hf")
     ap.add_argument("--kernels", default="auto", help="the native runner's kernel paths, comma-separated: auto, aten, "
-                    "onednn")
+                    "onednn, or a weight-only quantization (int8: the quantized model, auto's kernel for it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
@@ -104,8 +110,9 @@ def main() -> None:
     profiles: dict[str, dict] = {label: {} for label in labels.values()}
     for role, model in (("draft", draft_name), ("verify", verify_name)):
         lms = {labels[runner, kernels]: (
-            shaped_lm(model, runner, args.device, args.dtype, 9, args.max_context, kernels) if model in SHAPES
-            else load(model, args.device, args.dtype, args.cache_dir, runner, 9, args.max_context, kernels=kernels))
+            shaped_lm(model, runner, args.device, args.dtype, 9, args.max_context, *paths(kernels)) if model in SHAPES
+            else load(model, args.device, args.dtype, args.cache_dir, runner, 9, args.max_context, True,
+                      *paths(kernels)))
             for runner, kernels in variants}
         for lm in lms.values():
             lm.warm_up()

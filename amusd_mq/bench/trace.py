@@ -124,7 +124,7 @@ class LatencyProfile:
 
 
 def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_context: int,
-              kernels: str = "auto") -> LM:
+              kernels: str = "auto", quant: str = "none") -> LM:
     """A random-weight Llama of one of SHAPES, computed by `runner`: the cost of a real model of that size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -142,7 +142,7 @@ def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_
     info = ModelInfo(name=f"shape:{shape}", vocab_size=vocab, max_context=max_context, eos_token_ids=[], vocab_hash="")
     if runner == "native":
         return NativeLM(NativeModel(config, model.state_dict(), torch.device(device), DTYPES[dtype], slots,
-                                    max_context, kernels), info)
+                                    max_context, kernels, quant), info)
     return HFLM(model, info, slots)
 
 

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from .. import models
-from ..config import RUNNERS, Config
+from ..config import RUNNERS, Config, ConfigurationError
 from ..vocab import TRACE_PREFIX, Vocabulary, load_tokenizer
 from .hf import HFLM
 from .lm import DTYPES, LM, ModelInfo
@@ -20,7 +20,7 @@ def for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
     """The model a worker of `role` serves, as the settings describe it."""
     name, device = cfg.model_of(role)
     return load(name, device, cfg.dtype, cfg.cache_dir, cfg.runner, cfg.max_batch, cfg.max_context, runner_chosen,
-                cfg.kernels)
+                cfg.kernels, cfg.quant_of(role))
 
 
 def warm_for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
@@ -39,9 +39,10 @@ def warm_for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
 
 def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str | None = None,
          runner: str = "native", slots: int = 4, max_context: int = 4096, runner_chosen: bool = True,
-         kernels: str = "auto") -> LM:
-    """The model `name` (an alias, a directory or a hub id) on `device`, computed by `runner`. A model the native
-    runner doesn't know is an error when `native` was chosen (runner_chosen), else it falls back to transformers."""
+         kernels: str = "auto", quant: str = "none") -> LM:
+    """The model `name` (an alias, a directory or a hub id) on `device`, computed by `runner`, its linear layers'
+    weights quantized as `quant` says. A model the native runner doesn't know is an error when `native` was chosen
+    (runner_chosen) or quantization asked for, else it falls back to transformers."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     if dtype not in DTYPES:
@@ -60,12 +61,15 @@ def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str 
                      eos_token_ids=sorted({eos} if isinstance(eos, int) else set(eos or [])),
                      vocab_hash=Vocabulary.of(tokenizer).hash)
     target, torch_dtype = torch.device(device), DTYPES[dtype]
+    if quant != "none" and runner != "native":
+        raise ConfigurationError(f"{quant} quantization needs the native runner, not {runner}")
     if runner == "native":
         try:
-            model = NativeModel.from_directory(path, config, target, torch_dtype, slots, info.max_context, kernels)
+            model = NativeModel.from_directory(path, config, target, torch_dtype, slots, info.max_context, kernels,
+                                               quant)
             return NativeLM(model, info, tokenizer)
         except UnsupportedModel as exc:
-            if runner_chosen:
+            if runner_chosen or quant != "none":
                 raise
             log.warning("%s: %s; running it with transformers (the hf runner) instead", name, exc)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(target)

@@ -83,7 +83,7 @@ class Layer:
 
 class NativeModel:
     def __init__(self, config, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 slots: int, max_len: int, kernels: str = "auto"):
+                 slots: int, max_len: int, kernels: str = "auto", quant: str = "none"):
         arch = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "ForCausalLM")])[0]
         if arch not in ARCHITECTURES:
             raise UnsupportedModel(f"{arch}: the native runner serves {', '.join(ARCHITECTURES)}")
@@ -91,7 +91,9 @@ class NativeModel:
             raise UnsupportedModel("sliding-window attention is not supported by the native runner")
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act {config.hidden_act!r} is not supported by the native runner")
-        w = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+        # Copies: what safetensors loads on a CPU maps the file, and one tensor kept from it (a norm's weight) would
+        # keep the whole file in the process's memory beside the prepared weights (3.1 GB for the 1.5B).
+        w = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in weights.items()}
         self.device, self.dtype = device, dtype
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
@@ -106,7 +108,7 @@ class NativeModel:
         unused = [k for k in w if not k.endswith("rotary_emb.inv_freq")]
         if unused:
             raise UnsupportedModel(f"weights the native runner doesn't know what to do with: {unused[:4]}")
-        self.linears, self.batch_invariant = self._choose_kernels(kernels)
+        self.linears, self.batch_invariant = self._choose_kernels(kernels, quant)
         self.inv_freq = rope_inv_freq(config, self.head_dim).to(device=device, dtype=torch.float32)
         shape = (len(self.layers), slots + 1, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
@@ -114,7 +116,7 @@ class NativeModel:
 
     @classmethod
     def from_directory(cls, path: str | Path, config, device: torch.device, dtype: torch.dtype, slots: int,
-                       max_len: int, kernels: str = "auto") -> "NativeModel":
+                       max_len: int, kernels: str = "auto", quant: str = "none") -> "NativeModel":
         path = Path(path)
         index = path / "model.safetensors.index.json"
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else [
@@ -122,7 +124,7 @@ class NativeModel:
         weights = {}
         for name in files:
             weights.update(load_file(str(path / name), device=str(device)))
-        return cls(config, weights, device, dtype, slots, max_len, kernels)
+        return cls(config, weights, device, dtype, slots, max_len, kernels, quant)
 
     @staticmethod
     def _layer(w: dict[str, torch.Tensor], i: int) -> Layer:
@@ -141,11 +143,12 @@ class NativeModel:
             attn_norm=w.pop(f"model.layers.{i}.input_layernorm.weight"),
             mlp_norm=w.pop(f"model.layers.{i}.post_attention_layernorm.weight"))
 
-    def _choose_kernels(self, asked: str) -> tuple[dict[str, kernels.Kernel], bool]:
+    def _choose_kernels(self, asked: str, quant: str) -> tuple[dict[str, kernels.Kernel], bool]:
         """Each linear role's kernel, timed over its own weights, and whether all of them are batch-invariant (as
         far as the linear layers go: forward shapes attention for it); its weights are then held as that kernel's
-        path reads them (a tied head gets a copy of its own, the embedding staying as it is)."""
-        offered = kernels.candidates(self.device, self.dtype, asked)
+        path reads them, quantized where asked (a tied head gets a copy of its own, the embedding staying as it
+        is)."""
+        offered = kernels.candidates(self.device, self.dtype, asked, quant)
         chosen, timings, variant = {}, [], []
         for role in LINEARS:
             weights = [self.head] if role == "head" else [getattr(layer, role) for layer in self.layers]
@@ -184,10 +187,10 @@ class NativeModel:
 
     def weight_bytes(self) -> int:
         """What one step must read from memory at least: every weight once."""
-        tensors = [self.embed, self.norm] + ([] if self.tied else [self.head])
+        weights = [self.head, self.norm] + ([] if self.tied else [self.embed])  # a tied head is read as its own copy
         for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            weights += [w for w in vars(layer).values() if w is not None]
+        return sum(kernels.nbytes(w) for w in weights)
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm as transformers computes it: normalised in float32, cast back, then scaled."""

@@ -15,7 +15,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from conftest import mismatches_alone_and_in_a_pass
+from conftest import kernel_paths, mismatches_alone_and_in_a_pass
 
 from amusd_mq import models
 from amusd_mq.runtime.load import load
@@ -54,7 +54,7 @@ def test_logits_match_transformers(tmp_path, name, kernels):
     path = save(tmp_path, *CONFIGS[name])
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     lm = load(path, "cpu", "float32", runner="native", max_context=256, kernels=kernels)
-    assert lm.runner == "native" and {part.split("=")[-1].split("/")[0] for part in lm.kernels.split(",")} == {kernels}
+    assert lm.runner == "native" and kernel_paths(lm.kernels) == {kernels}
     ids = torch.randint(0, 258, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(ids).logits[0]
@@ -86,8 +86,8 @@ def test_each_linear_role_takes_the_kernel_it_timed_fastest(tmp_path, caplog, mo
     monkeypatch.setattr(kernels, "choose", recorded)
     with caplog.at_level(logging.INFO):
         lm = load(path, "cpu", "bfloat16", max_context=64)
-    every = {f"{p}/{rows}" for p in ("aten", "onednn") for rows in kernels.ROWS}
-    assert len(timed) == 5 and all(set(times) == every for _, times, _ in timed)
+    every = {kernels.Kernel(kernels.PATHS[p], rows).name for p in ("aten", "onednn") for rows in kernels.ROWS}
+    assert len(timed) == 5 and all(times and set(times) <= every for _, times, _ in timed)  # the invariant ones
     assert all(invariant for _, _, invariant in timed)  # on this CPU, padded to a batch, every path is
     assert all(times[name] == min(times.values()) for name, times, _ in timed)
     names = [name for name, _, _ in timed]
@@ -104,9 +104,9 @@ def test_a_kernel_whose_rows_depend_on_the_batch_is_taken_only_when_nothing_else
     by_row = kernels.Path("by-row", lambda w: w, lambda x, w, b: torch.stack([F.linear(row, w, b) for row in x]))
     chosen, times, invariant = kernels.choose(weights, (variant, by_row))
     assert chosen.path is by_row and invariant
-    assert set(times) == {f"{p}/{rows}" for p in ("variant", "by-row") for rows in kernels.ROWS}
+    assert set(times) == {kernels.Kernel(by_row, rows).name for rows in kernels.ROWS}  # the variant one isn't timed
     chosen, times, invariant = kernels.choose(weights, (variant,))
-    assert chosen.path is variant and invariant is False
+    assert chosen.path is variant and invariant is False and len(times) == len(kernels.ROWS)
     assert chosen.name == min(times, key=times.get)
 
 
@@ -121,15 +121,20 @@ def test_a_padded_kernel_gives_each_row_what_the_path_gives_it():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("kernels", ["auto", "aten", "onednn"])
+@pytest.mark.parametrize("kernels", ["auto", "aten", "onednn", "int8", "int4"])
 def test_a_token_gets_the_same_logits_decoded_alone_as_verified_among_others(tmp_path, caplog, dtype, kernels):
     """Bit for bit, so that greedy speculation commits exactly what plain decoding does: in one pass of several
     tokens, beside another sequence's row, and across the attention's key blocks; wherever the kernels chosen
-    say so at load, which the default choice does on this machine, and a warning where they can't."""
+    say so at load, which the default choice and each quantization do on this machine, and a warning where they
+    can't."""
+    from amusd_mq.runtime.kernels import QUANTIZED
+
     path = save(tmp_path, Qwen2ForCausalLM, Qwen2Config(**{**BASE, "max_position_embeddings": 1100},
                                                          num_key_value_heads=2, tie_word_embeddings=True))
+    quant = kernels if kernels in QUANTIZED else "none"
     with caplog.at_level(logging.WARNING):
-        lm = load(path, "cpu", dtype, runner="native", slots=4, max_context=1100, kernels=kernels)
+        lm = load(path, "cpu", dtype, runner="native", slots=4, max_context=1100,
+                  kernels="auto" if kernels in QUANTIZED else kernels, quant=quant)
     assert lm.model.batch_invariant or kernels != "auto"
     assert lm.model.batch_invariant == ("can differ from plain decoding" not in caplog.text)
     if not lm.model.batch_invariant:
