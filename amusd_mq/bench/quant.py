@@ -27,6 +27,7 @@ from ..vocab import Vocabulary
 from .baselines import autoregressive
 from .peers import CHATS
 from .run import cpu_line
+from .simulate import ms_per_token
 
 
 def teacher_forced(lm: LM, prompt: list[int], reference: list[int]) -> int:
@@ -68,20 +69,17 @@ def main() -> None:
         for v in variants if i % 2 == 0 else variants[::-1]:  # in turns, the other way round every other chat
             run = autoregressive(lms[v], prompt, args.tokens, [])
             outputs[v] = run.token_ids
-            runs[v].append({"ms_per_token": 1000 * (run.times[-1] - run.times[0]) / (len(run.times) - 1)})
+            runs[v].append({"ms_per_token": 1000 * ms_per_token(run.times)})
         ref = outputs[VERIFY, "none"]
         for v in variants:
             if v[0] == VERIFY:
                 runs[v][-1].update(identical=outputs[v] == ref, agree_until=first_difference(outputs[v], ref))
             else:
                 runs[v][-1].update(accepted=teacher_forced(lms[v], prompt, ref) / len(ref))
-    rows = []
-    for (role, quant), chats in runs.items():
-        lm = lms[role, quant]
-        row = {"role": role, "model": lm.name, "quant": quant, "kernels": lm.kernels,
-               "weight_gb": lm.model.weight_bytes() / 1e9,
-               "ms_per_token": statistics.mean(c["ms_per_token"] for c in chats), "chats": chats}
-        rows.append(row)
+    rows = [{"role": role, "model": lms[role, quant].name, "quant": quant, "kernels": lms[role, quant].kernels,
+             "weight_gb": lms[role, quant].model.weight_bytes() / 1e9,
+             "ms_per_token": statistics.mean(c["ms_per_token"] for c in chats), "chats": chats}
+            for (role, quant), chats in runs.items()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"machine": f"{cpu_line()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d"),
@@ -90,7 +88,8 @@ def main() -> None:
     lines = [f"Machine: {summary['machine']}; {summary['date']}; {cfg.dtype} activations; {len(CHATS)} chats of "
              f"{args.tokens} greedy tokens, the variants taking turns; the reference is the unquantized verify "
              f"model's output.", "",
-             "| model | weights | kernels | GB read per step | ms/token | against the reference |", "|---|---|---|---|---|---|"]
+             "| model | weights | kernels | GB read per step | ms/token | against the reference |",
+             "|---|---|---|---|---|---|"]
     for row in rows:
         chats = row["chats"]
         if row["role"] == VERIFY:

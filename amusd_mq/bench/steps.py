@@ -4,8 +4,9 @@ A step is what a worker's forward pass costs: rows of new tokens after a context
 the runner's `step`, plus the argmax and the one copy to the host a verdict needs. The floor is every weight read
 once, at the copy bandwidth measured in the same run. Also plain decoding (`ar`) of 64 tokens, per token, the
 runners taking turns. The native runner runs once per kernel path asked for (`--kernels`: `auto`, the worker's
-own choice, labelled `native`; `aten` or `onednn`, labelled `native/aten` and so on). The models are Llama shapes
-with random weights, or real models by name. Writes steps.json, and a latency profile per runner (the draft's one-token step, the verifier's step by tokens) for `amusd-mq bench
+own choice, labelled `native`; `aten` or `onednn`, labelled `native/aten` and so on; `int8` or `int4`, the
+quantized model). The models are Llama shapes with random weights, or real models by name. Writes steps.json, and a
+latency profile per runner (the draft's one-token step, the verifier's step by tokens) for `amusd-mq bench
 --trace-compute latency:...`.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..runtime.lm import LM, Row
 from ..runtime.load import load
 from .baselines import autoregressive
 from .run import cpu_line
+from .simulate import ms_per_token
 from .trace import SHAPES, shaped_lm
 
 SHAPES_OF_ROWS = [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16), (4, 4), (8, 4)]  # (rows, tokens per row)
@@ -83,7 +85,7 @@ def main() -> None:
                     help=f"draft,verify: shapes with random weights ({', '.join(SHAPES)}) or model names")
     ap.add_argument("--runners", default="native,hf")
     ap.add_argument("--kernels", default="auto", help="the native runner's kernel paths, comma-separated: auto, aten, "
-                    "onednn, or a weight-only quantization (int8: the quantized model, auto's kernel for it)")
+                    "onednn, or a weight-only quantization (int8, int4: the quantized model, auto's kernel for it)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
@@ -121,7 +123,7 @@ def main() -> None:
         for _ in range(AR_ROUNDS):  # the runners take turns, so that drift hits them alike
             for runner, lm in lms.items():
                 ar = autoregressive(lm, prompt, 64, [])
-                ar_ms[runner].append(1000 * (ar.times[-1] - ar.times[0]) / (len(ar.times) - 1))
+                ar_ms[runner].append(1000 * ms_per_token(ar.times))
         for runner, lm in lms.items():
             ms = statistics.median(ar_ms[runner])
             results["ar"].append({"runner": runner, "kernels": lm.kernels, "model": model, "ms_per_token": ms})

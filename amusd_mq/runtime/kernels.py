@@ -29,10 +29,11 @@ from ..config import ConfigurationError
 log = logging.getLogger(__name__)
 TIMING_ROUNDS = 3  # passes over a shape's weights per kernel; the fastest of them counts
 TIMING_BYTES = 256 << 20  # weights timed per shape: more than any CPU cache holds, so they stream from memory
-# Rows a smaller input is padded to. A lone row takes other kernels than a batch's rows (oneDNN's and F.linear's
-# on the development machine's EPYC both reduce it in another order), and then a token decoded alone would get
-# other logits than the same token verified among others; padded to a batch, it can't. On that machine oneDNN's
-# kernels also read bf16 weights up to 1.2x faster for 4 rows than for 1 or 2.
+# Rows a smaller input is padded to (1: left alone). A lone row can take other kernels than a batch's rows (oneDNN's
+# and F.linear's on the development machine's EPYC reduce it in another order for some shapes), and then a token
+# decoded alone would get other logits than the same token verified among others; padded to a batch, it can't.
+# Only paddings that pass the check in `_agrees` are taken. On that machine oneDNN's kernels also read bf16 weights
+# up to 1.2x faster for 4 rows than for 1 or 2.
 ROWS = (1, 2, 4)
 BATCHES = (3, 5, 16, 64)  # the batch sizes a kernel's results are compared across
 INT4_GROUP = 32  # inputs per scale and zero point of an int4 weight, as llama.cpp's Q4 blocks
@@ -59,8 +60,9 @@ class Int8(NamedTuple):
     @classmethod
     def of(cls, weight: torch.Tensor) -> "Int8":
         """Symmetric round-to-nearest: each output channel's largest magnitude becomes 127."""
-        scales = weight.float().abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        w = weight.float()
+        scales = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        values = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(values, scales.to(weight.dtype))
 
 

@@ -20,6 +20,12 @@ def dequantized(path: kernels.Path, weight: torch.Tensor) -> torch.Tensor:
     return path.apply(torch.eye(weight.shape[1]), path.prepare(weight), None).t()
 
 
+def test_the_settings_offer_every_quantization_there_is():
+    from amusd_mq import config
+
+    assert set(kernels.QUANTIZED) == set(config.QUANTS) - {"none"}
+
+
 @pytest.mark.parametrize("path", QUANTIZED, ids=lambda p: p.name)
 def test_quantized_weights_round_to_their_nearest_level(path):
     torch.manual_seed(0)
@@ -60,7 +66,8 @@ def test_a_quantized_model_is_the_model_of_its_dequantized_weights(tmp_path, nam
     reference = load(path, "cpu", "float32", max_context=64)
     save(tmp_path / "model", *CONFIGS[name])  # the original weights again
     quantized = load(path, "cpu", "float32", max_context=64, quant=quant)
-    assert kernel_paths(quantized.kernels) == {quant} and quantized.model.weight_bytes() < reference.model.weight_bytes()
+    assert kernel_paths(quantized.kernels) == {quant}
+    assert quantized.model.weight_bytes() < reference.model.weight_bytes()
     seq = list(range(3, 40))
     with reference.session() as a, quantized.session() as b:
         assert torch.allclose(quantized.logits([Feed(b, seq, 5)])[0], reference.logits([Feed(a, seq, 5)])[0],
