@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable
 from contextlib import contextmanager
 
-from .transport import Rejects
+from .wire.transport import Rejects
 
 log = logging.getLogger(__name__)
 

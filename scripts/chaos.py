@@ -47,11 +47,11 @@ from amusd_mq import (
     RequestFailedError,
     models,
 )
-from amusd_mq import protocol as p
 from amusd_mq.bench.baselines import autoregressive
-from amusd_mq.launch import Deployment
+from amusd_mq.cli.launch import Deployment
 from amusd_mq.runtime.load import load
-from amusd_mq.transport import recv
+from amusd_mq.wire import protocol as p
+from amusd_mq.wire.transport import recv
 
 WORKERS = ("verify", "verify-b", "draft", "draft-b")
 RESUBMISSIONS = 60  # a request whose coordinator restarted is submitted again every 0.5 s, this many times at most

@@ -2,7 +2,7 @@
 frame limit (through the Python client and through the HTTP gateway), a request that breaks every pass it is in
 (beside seven that don't), a worker whose every pass fails, and a service started with a setting past its bound.
 
-    python scripts/failure_times.py [--out bench/results/failure-times]
+    python scripts/failure_times.py [--out data/results/failure-times]
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import openai
 from amusd_mq import AsyncClient, models
 from amusd_mq.bench.baselines import autoregressive
 from amusd_mq.bench.run import cpu_line
-from amusd_mq.launch import Deployment
+from amusd_mq.cli.launch import Deployment
 from amusd_mq.runtime.load import load
-from amusd_mq.worker import PROBE
+from amusd_mq.workers.step import PROBE
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["def fib(n):", "Hello, world", "import numpy as np\n", "The quick brown fox", "class Stack:\n    def push(",
@@ -161,5 +161,5 @@ async def main(args) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench/results/failure-times")
+    parser.add_argument("--out", default="data/results/failure-times")
     asyncio.run(main(parser.parse_args()))

@@ -12,7 +12,7 @@
 # Usage: scripts/gpu_bench.sh   (env: TRACE, PROMPTS, SHAPES, DEVICE, DTYPE, OUT, LOAD, REQUESTS)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TRACE=${TRACE:-bench/qwen-humaneval-trace.json}
+TRACE=${TRACE:-data/qwen-humaneval-trace.json}
 PROMPTS=${PROMPTS:-10}
 SHAPES=${SHAPES:-llama-3.2-1b,llama-3.1-8b}
 DEVICE=${DEVICE:-cuda:0}

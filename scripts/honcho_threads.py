@@ -2,7 +2,7 @@
 start` from the repository root with .env.example's values (the Qwen pair on CPU), then chat requests through the
 official `openai` client, each setting its own honcho start, one at a time, in rounds (amusd_mq.bench.peers).
 
-    python scripts/honcho_threads.py [--rounds 2] [--tokens 64] [--out bench/results/honcho-threads]
+    python scripts/honcho_threads.py [--rounds 2] [--tokens 64] [--out data/results/honcho-threads]
 
 Settings compared: the default (AMUSD_THREADS=0), the tuned one for a 2-core host (1 + 1), and 2 + 2 (what the
 default gave each worker on a 2-core host before it shared the cores).
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--out", default="bench/results/honcho-threads")
+    parser.add_argument("--out", default="data/results/honcho-threads")
     args = parser.parse_args()
     out = Path(args.out)
     chosen = [honcho(name, extra) for name, extra in SETTINGS.items()]

@@ -19,7 +19,7 @@ import openai
 
 from amusd_mq import AsyncClient
 from amusd_mq.bench.run import cpu_name
-from amusd_mq.launch import Deployment
+from amusd_mq.cli.launch import Deployment
 
 PROMPT = "def fib(n):"
 

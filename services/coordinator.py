@@ -1,6 +1,6 @@
 """python -m services.coordinator: the coordinator. Flags and AMUSD_* variables: `amusd-mq coordinator --help`."""
 import sys
 
-from amusd_mq.cli import main
+from amusd_mq.cli.main import main
 
 main(["coordinator", *sys.argv[1:]])

@@ -2,6 +2,6 @@
 --help`."""
 import sys
 
-from amusd_mq.cli import main
+from amusd_mq.cli.main import main
 
 main(["gateway", *sys.argv[1:]])

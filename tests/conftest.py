@@ -11,9 +11,9 @@ import zmq
 import zmq.asyncio
 
 from amusd_mq import models
-from amusd_mq import protocol as p
-from amusd_mq.launch import ROLES, Deployment
+from amusd_mq.cli.launch import ROLES, Deployment
 from amusd_mq.runtime.load import load
+from amusd_mq.wire import protocol as p
 
 PROMPTS = [
     "def fib(n):", "Hello, world", "import numpy as np\n", "The quick brown fox", "class Stack:\n    def push(",
@@ -130,7 +130,7 @@ async def raw_exchange(url: str, frames: list[list[bytes]], timeout_s: float = 1
 @pytest.fixture
 def curve_keys(tmp_path) -> dict[str, dict[str, str]]:
     """Fresh CURVE keys from `amusd-mq keygen`: each role's AMUSD_CURVE_* settings, by role."""
-    from amusd_mq.security import keygen
+    from amusd_mq.wire.security import keygen
 
     return keygen(tmp_path / "keys", ["coordinator", "draft", "verify", "client"])
 

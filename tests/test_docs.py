@@ -3,7 +3,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from amusd_mq import protocol as p
+from amusd_mq.wire import protocol as p
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from amusd_mq import protocol as p
+from amusd_mq.wire import protocol as p
 
 FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 values = st.recursive(

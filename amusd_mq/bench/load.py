@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import config as c
-from ..client import AsyncClient
-from ..launch import Deployment, service_env
+from ..cli.launch import Deployment, service_env
+from ..frontend.client import AsyncClient
 from .run import machine
 
 STRATEGIES = {"ar": (c.COORDINATOR, c.VERIFY), "async": (c.COORDINATOR, c.VERIFY, c.DRAFT)}

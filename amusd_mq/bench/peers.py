@@ -31,8 +31,8 @@ from pathlib import Path
 import openai
 
 from .. import models
+from ..cli.launch import Deployment
 from ..config import DRAFT, VERIFY, load
-from ..launch import Deployment
 from .run import cpu_line
 
 CHATS = ["Write a Python function that checks whether a string is a palindrome.",

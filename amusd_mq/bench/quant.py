@@ -1,7 +1,7 @@
 """Weight-only quantization against the unquantized models: how fast each decodes, and how often it chooses what the
 unquantized verify model does, on the peer benchmark's chats.
 
-    python -m amusd_mq.bench.quant [--quants int8,int4] [--tokens 64] [--out bench/results/quant-cpu]
+    python -m amusd_mq.bench.quant [--quants int8,int4] [--tokens 64] [--out data/results/quant-cpu]
 
 Every variant (the draft and the verify model, unquantized and each quantization) is loaded in this one process
 and they decode each chat in turn, so that the machine's drift hits them alike. The reference is the unquantized
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import DRAFT, VERIFY, load as load_config
+from ..config import DRAFT, VERIFY
+from ..config import load as load_config
 from ..runtime.lm import LM
 from ..runtime.load import load
-from ..vocab import Vocabulary
+from ..text.vocab import Vocabulary
 from .baselines import autoregressive
 from .peers import CHATS
 from .run import cpu_line

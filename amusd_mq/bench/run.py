@@ -97,7 +97,7 @@ class Bench:
         import torch
         from tqdm import tqdm
 
-        from ..launch import Deployment, service_env
+        from ..cli.launch import Deployment, service_env
 
         self.load_models()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -251,9 +251,9 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
     import zmq
     import zmq.asyncio
 
-    from .. import protocol as p
     from ..runtime.thread import ModelThread
-    from ..transport import make_socket, recv, send
+    from ..wire import protocol as p
+    from ..wire.transport import make_socket, recv, send
 
     ctx = zmq.asyncio.Context()
     sock = make_socket(ctx, zmq.DEALER, max_bytes)
@@ -294,7 +294,7 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
 
 
 async def _through_services(url, ids, max_new, lookahead, policy, sampling: Sampling):
-    from ..client import AsyncClient
+    from ..frontend.client import AsyncClient
 
     async with AsyncClient(url, timeout_s=120) as client:
         stream = client.stream(prompt_ids=ids, max_new_tokens=max_new, lookahead=lookahead, policy=policy,

@@ -19,7 +19,7 @@ from ..config import TRACE_COMPUTE
 from ..runtime.hf import HFLM
 from ..runtime.lm import DTYPES, LM, Feed, ModelInfo, Session
 from ..runtime.native import NativeLM, NativeModel
-from ..vocab import TRACE_PREFIX, trace_hash
+from ..text.vocab import TRACE_PREFIX, trace_hash
 from .baselines import autoregressive
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab

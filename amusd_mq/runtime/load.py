@@ -8,7 +8,7 @@ import torch
 
 from .. import models
 from ..config import RUNNERS, Config, ConfigurationError
-from ..vocab import TRACE_PREFIX, Vocabulary, load_tokenizer
+from ..text.vocab import TRACE_PREFIX, Vocabulary, load_tokenizer
 from .hf import HFLM
 from .lm import DTYPES, LM, ModelInfo
 from .native import NativeLM, NativeModel, UnsupportedModel

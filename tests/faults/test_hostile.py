@@ -26,7 +26,7 @@ from amusd_mq import (
     RequestFailedError,
     RequestTooLargeError,
 )
-from amusd_mq import protocol as p
+from amusd_mq.wire import protocol as p
 
 pytestmark = pytest.mark.asyncio
 CLIENT = str(Path(__file__).with_name("client_process.py"))

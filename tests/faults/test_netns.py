@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from amusd_mq.launch import ROLES
+from amusd_mq.cli.launch import ROLES
 
 A_IP, B_IP = "10.77.0.1", "10.77.0.2"
 URL = f"tcp://{A_IP}:5550"  # the namespaces are fresh, so the port is always free

@@ -12,7 +12,7 @@ import pytest
 from conftest import PROMPTS
 
 from amusd_mq import AsyncClient, NoWorkerError, RequestFailedError
-from amusd_mq.worker import PROBE
+from amusd_mq.workers.step import PROBE
 
 pytestmark = pytest.mark.asyncio
 MAX_NEW = 24

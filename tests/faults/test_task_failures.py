@@ -12,7 +12,7 @@ import pytest
 from test_verifier_loss import PROMPT
 
 from amusd_mq import AmusdError, AsyncClient, ClientClosedError
-from amusd_mq import client as client_module
+from amusd_mq.frontend import client as client_module
 
 pytestmark = pytest.mark.asyncio
 
@@ -52,9 +52,9 @@ def inject(tmp_path, template: str, module: str, cls: str, method: str) -> dict[
 
 
 @pytest.mark.parametrize("role,module,cls,method", [
-    ("coordinator", "amusd_mq.coordinator", "Coordinator", "_tick"),
-    ("verify", "amusd_mq.worker", "Worker", "_heartbeat"),
-    ("draft", "amusd_mq.worker", "Worker", "_heartbeat"),
+    ("coordinator", "amusd_mq.coordinator.shell", "Coordinator", "_tick"),
+    ("verify", "amusd_mq.workers.step", "Worker", "_heartbeat"),
+    ("draft", "amusd_mq.workers.step", "Worker", "_heartbeat"),
 ])
 async def test_a_failed_scheduler_or_heartbeat_ends_the_process_non_zero(deploy, tmp_path, role, module, cls, method):
     d = deploy(roles=tuple(r for r in ("coordinator", "verify", "draft") if r != role))
@@ -68,9 +68,9 @@ async def test_a_failed_scheduler_or_heartbeat_ends_the_process_non_zero(deploy,
 
 
 @pytest.mark.parametrize("role,module,cls,method", [
-    ("coordinator", "amusd_mq.coordinator", "Coordinator", "on_verdict"),
-    ("verify", "amusd_mq.verify", "VerifyWorker", "on_propose"),
-    ("draft", "amusd_mq.draft", "DraftWorker", "on_commit"),
+    ("coordinator", "amusd_mq.coordinator.shell", "Coordinator", "on_verdict"),
+    ("verify", "amusd_mq.workers.verify", "VerifyWorker", "on_propose"),
+    ("draft", "amusd_mq.workers.draft", "DraftWorker", "on_commit"),
 ])
 async def test_a_failed_message_is_logged_and_its_loop_serves_on(deploy, reference, tiny_verify, tmp_path,
                                                                    role, module, cls, method):

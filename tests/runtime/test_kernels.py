@@ -2,15 +2,14 @@
 for them (their batch invariance is tested with the other kernels' in test_native)."""
 import pytest
 import torch
+from conftest import kernel_paths
 from safetensors.torch import load_file, save_file
 from test_native import CONFIGS, save
 
-from conftest import kernel_paths
-
 from amusd_mq.config import ConfigurationError
 from amusd_mq.runtime import kernels
-from amusd_mq.runtime.load import load
 from amusd_mq.runtime.lm import Feed
+from amusd_mq.runtime.load import load
 
 QUANTIZED = list(kernels.QUANTIZED.values())
 

@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import kernel_paths, mismatches_alone_and_in_a_pass
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -14,8 +15,6 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
-
-from conftest import kernel_paths, mismatches_alone_and_in_a_pass
 
 from amusd_mq import models
 from amusd_mq.runtime.load import load

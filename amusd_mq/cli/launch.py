@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .client import AsyncClient, CoordinatorUnavailableError
-from .config import COORDINATOR, DRAFT, VERIFY
+from ..config import COORDINATOR, DRAFT, VERIFY
+from ..frontend.client import AsyncClient, CoordinatorUnavailableError
 
 ROLES = (COORDINATOR, VERIFY, DRAFT)
 

@@ -8,10 +8,10 @@ import zmq
 import zmq.asyncio
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, cli
-from amusd_mq.launch import ROLES
-from amusd_mq.security import keygen, load_keys, secure
+from amusd_mq.cli.launch import ROLES
 from amusd_mq.config import pub_url
-from amusd_mq.transport import make_socket
+from amusd_mq.wire.security import keygen, load_keys, secure
+from amusd_mq.wire.transport import make_socket
 
 PROMPT, MAX_NEW = "def fib(n):", 40
 SECRET, SERVER, ALLOW = "AMUSD_CURVE_SECRET_KEY", "AMUSD_CURVE_SERVER_KEY", "AMUSD_CURVE_ALLOW_DIR"

@@ -19,11 +19,11 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from . import protocol as p
-from .config import BY_NAME, CLIENT, load
-from .sampling import requested
-from .security import load_keys, secure
-from .transport import make_socket, recv, send
+from ..config import BY_NAME, CLIENT, load
+from ..sampling import requested
+from ..wire import protocol as p
+from ..wire.security import load_keys, secure
+from ..wire.transport import make_socket, recv, send
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Each pass takes every active request's proposals that extend its committed prefi
 batched forward pass, and commits, per request, the longest agreeing prefix plus its own next token. A
 request with nothing proposed still advances by one token in the same pass, like plain decoding, so a slow,
 wrong or absent draft costs little. How many proposals a pass checks per request follows the load
-(amusd_mq.speculation), and each verdict tells the draft how far to run ahead.
+(amusd_mq.workers.speculation), and each verdict tells the draft how far to run ahead.
 """
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from . import protocol as p
-from .config import VERIFY
-from .runtime.lm import Check, Session, verify
-from .sampling import GREEDY, Sampling, proposal_problem, sampling_of
-from .sequence import Sequence
+from ..config import VERIFY
+from ..runtime.lm import Check, Session, verify
+from ..sampling import GREEDY, Sampling, proposal_problem, sampling_of
+from ..sequence import Sequence
+from ..wire import protocol as p
+from ..wire.transport import send, send_all
 from .speculation import Acceptance, CostModel, Switch, best_depth
-from .transport import send, send_all
-from .worker import Served, Worker
+from .step import Served, Worker
 
 log = logging.getLogger(__name__)
 CALIBRATION = ((1, 1), (1, 8), (4, 8))  # (rows, tokens per row) of the passes timed before serving

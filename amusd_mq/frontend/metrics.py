@@ -6,9 +6,9 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
-from . import protocol as p
+from ..config import DRAFT, VERIFY
+from ..wire import protocol as p
 from .client import GenerationResult
-from .config import DRAFT, VERIFY
 
 # Seconds: from a millisecond token on a GPU to a minute-long request on a CPU.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from . import protocol as p
-from .config import DRAFT, pub_url
-from .runtime.lm import Guess, Session, propose
-from .sampling import GREEDY, Sampling, sampling_of
-from .security import secure
-from .transport import make_socket, send, send_all
-from .worker import Served, Worker
+from ..config import DRAFT, pub_url
+from ..runtime.lm import Guess, Session, propose
+from ..sampling import GREEDY, Sampling, sampling_of
+from ..wire import protocol as p
+from ..wire.security import secure
+from ..wire.transport import make_socket, send, send_all
+from .step import Served, Worker
 
 log = logging.getLogger(__name__)
 

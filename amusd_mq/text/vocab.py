@@ -18,7 +18,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from . import models
+from .. import models
 from .chat import ChatTemplate
 
 TRACE_PREFIX = "trace:"  # a model name replaying a recorded trace (benchmarks): prompt ids only, no tokenizer

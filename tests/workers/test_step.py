@@ -9,12 +9,12 @@ import zmq
 import zmq.asyncio
 
 from amusd_mq import config
-from amusd_mq import protocol as p
-from amusd_mq.draft import DraftWorker
+from amusd_mq.config import pub_url
 from amusd_mq.runtime.load import load
 from amusd_mq.runtime.thread import ModelThread
-from amusd_mq.config import pub_url
-from amusd_mq.verify import VerifyWorker
+from amusd_mq.wire import protocol as p
+from amusd_mq.workers.draft import DraftWorker
+from amusd_mq.workers.verify import VerifyWorker
 
 pytestmark = pytest.mark.asyncio
 

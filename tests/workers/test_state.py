@@ -1,7 +1,7 @@
 """The workers' local bookkeeping: the draft's rollback and the verifier's proposal buffer."""
-from amusd_mq.draft import DraftRequest
 from amusd_mq.sequence import Sequence
-from amusd_mq.verify import VerifyRequest
+from amusd_mq.workers.draft import DraftRequest
+from amusd_mq.workers.verify import VerifyRequest
 
 
 def draft(lookahead=3):

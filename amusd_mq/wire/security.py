@@ -17,7 +17,7 @@ import zmq.auth
 from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from .config import BY_NAME, COORDINATOR
+from ..config import BY_NAME, COORDINATOR
 from .transport import Rejects
 
 log = logging.getLogger(__name__)

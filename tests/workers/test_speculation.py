@@ -2,8 +2,17 @@
 import pytest
 
 from amusd_mq.sequence import Sequence
-from amusd_mq.speculation import RETRY, WINDOW, WINDOW_S, Acceptance, CostModel, Switch, best_depth, expected_tokens
-from amusd_mq.verify import VerifyRequest
+from amusd_mq.workers.speculation import (
+    RETRY,
+    WINDOW,
+    WINDOW_S,
+    Acceptance,
+    CostModel,
+    Switch,
+    best_depth,
+    expected_tokens,
+)
+from amusd_mq.workers.verify import VerifyRequest
 
 GPU_LIKE = CostModel([(1, 6.9), (8, 7.7), (128, 13.6)])  # 8B verify passes on one H200: near flat
 CPU_LIKE = CostModel([(1, 230.0), (5, 830.0)])  # a 1.5B model on an AVX2-only CPU: a 5-token pass costs 3.6x

@@ -7,8 +7,8 @@ import zmq
 import zmq.asyncio
 
 from amusd_mq import AsyncClient
-from amusd_mq import protocol as p
-from amusd_mq.client import ClientClosedError
+from amusd_mq.frontend.client import ClientClosedError
+from amusd_mq.wire import protocol as p
 
 pytestmark = pytest.mark.asyncio
 

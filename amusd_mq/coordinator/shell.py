@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
-from . import protocol as p
-from . import vocab
+from ..config import BY_NAME, COORDINATOR, DRAFT, VERIFY, Config, ConfigurationError, pub_url
+from ..sampling import Sampling, proposal_problem, requested
+from ..sequence import Sequence
+from ..tasks import TaskEnded, first_to_end
+from ..text import vocab
+from ..text.chat import ChatError
+from ..text.detokenize import TextStream
+from ..wire import protocol as p
+from ..wire.security import Gate, load_keys, secure
+from ..wire.transport import Rejects, ensure_free, make_socket, recv, send, send_all
 from .admission import Admission, Refused
-from .chat import ChatError
-from .config import BY_NAME, COORDINATOR, DRAFT, VERIFY, Config, ConfigurationError, pub_url
-from .detokenize import TextStream
-from .sampling import Sampling, proposal_problem, requested
-from .security import Gate, load_keys, secure
-from .sequence import Sequence
-from .tasks import TaskEnded, first_to_end
-from .transport import Rejects, ensure_free, make_socket, recv, send, send_all
 
 log = logging.getLogger(__name__)
 LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound

@@ -10,9 +10,9 @@ import sys
 import tempfile
 import time
 
-from . import config as c
-from .sampling import MODES, requested
-from .transport import http_listener
+from .. import config as c
+from ..sampling import MODES, requested
+from ..wire.transport import http_listener
 
 DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
 SERVICE_ROLES = (c.COORDINATOR, c.DRAFT, c.VERIFY)
@@ -89,7 +89,7 @@ def gateway_main(cfg: c.Config) -> int:
     except c.ConfigurationError as exc:
         logging.getLogger("amusd_mq").error("%s", exc)
         return 2
-    from .gateway import serve  # the HTTP stack loads only where it serves, and after the socket listens
+    from ..frontend.gateway import serve  # the HTTP stack loads only where it serves, and after the socket listens
 
     return serve(cfg, listener)
 
@@ -108,13 +108,13 @@ def _sampling_flags(parser: argparse.ArgumentParser, seed: int | None) -> None:
 
 def _check_keys(cfg: c.Config, role: str) -> None:
     """Refuse half a CURVE configuration, or an unreadable key, before anything loads."""
-    from .security import load_keys
+    from ..wire.security import load_keys
 
     load_keys(role, cfg.curve_secret_key, cfg.curve_allow_dir if role == c.COORDINATOR else cfg.curve_server_key)
 
 
 def keygen_main(directory: str, names: list[str], parser: argparse.ArgumentParser) -> int:
-    from .security import keygen
+    from ..wire.security import keygen
 
     try:
         settings = keygen(directory, names)
@@ -133,9 +133,9 @@ def _dataset_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _tokenized(cfg: c.Config, args) -> list[tuple[str, list[int]]]:
-    from . import models
-    from .bench import datasets
-    from .vocab import load_tokenizer
+    from .. import models
+    from ..bench import datasets
+    from ..text.vocab import load_tokenizer
 
     tokenizer = load_tokenizer(models.resolve(cfg.verify_model, cfg.cache_dir))
     return [(pid, tokenizer(text)["input_ids"]) for pid, text in datasets.load(args.dataset, args.prompts)]
@@ -145,9 +145,9 @@ def bench_main(cfg: c.Config, args) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from .bench.run import Bench, format_table
-    from .bench.trace import Trace
-    from .vocab import TRACE_PREFIX
+    from ..bench.run import Bench, format_table
+    from ..bench.trace import Trace
+    from ..text.vocab import TRACE_PREFIX
 
     sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
     trace = prompts = None
@@ -164,7 +164,7 @@ def bench_main(cfg: c.Config, args) -> int:
         prompts = _tokenized(cfg, args)
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     if args.concurrency:
-        from .bench.load import format_load_table, run_load
+        from ..bench.load import format_load_table, run_load
 
         ids = [ids for _, ids in prompts] if prompts else [p.prompt_ids for p in trace.prompts]
         summary = run_load(cfg, ids, args.max_new_tokens, [int(n) for n in args.concurrency.split(",")],
@@ -185,8 +185,8 @@ def bench_main(cfg: c.Config, args) -> int:
 def record_main(cfg: c.Config, args) -> int:
     from tqdm import tqdm
 
-    from .bench.trace import record
-    from .runtime.load import for_role
+    from ..bench.trace import record
+    from ..runtime.load import for_role
 
     prompts = _tokenized(cfg, args)
     draft, verify = for_role(cfg, c.DRAFT), for_role(cfg, c.VERIFY)
@@ -212,7 +212,7 @@ def run_service(role: str, cfg: c.Config, runner_chosen: bool) -> int:
 
 async def _service(role: str, cfg: c.Config, runner_chosen: bool) -> int:
     if cfg.fault_drop or cfg.fault_dup or cfg.fault_delay:
-        from . import transport
+        from ..wire import transport
 
         transport.faults = transport.Faults(cfg.fault_drop, cfg.fault_dup, cfg.fault_delay, cfg.fault_delay_ms,
                                             cfg.fault_seed)
@@ -234,7 +234,7 @@ async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
     log = logging.getLogger("amusd_mq")
     try:
         if role == c.COORDINATOR:
-            from .coordinator import Coordinator
+            from ..coordinator.shell import Coordinator
 
             await Coordinator(cfg).run(stop)
         else:
@@ -249,11 +249,11 @@ async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
 
 
 async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Event) -> None:
-    from .draft import DraftWorker
-    from .runtime.load import warm_for_role
-    from .runtime.thread import ModelThread
-    from .tasks import first_to_end
-    from .verify import VerifyWorker
+    from ..runtime.load import warm_for_role
+    from ..runtime.thread import ModelThread
+    from ..tasks import first_to_end
+    from ..workers.draft import DraftWorker
+    from ..workers.verify import VerifyWorker
 
     threads = cfg.threads_of(role)
     logging.getLogger("amusd_mq").info("%s worker: %d torch thread%s (%s)", role, threads, "s" * (threads > 1),
@@ -268,7 +268,7 @@ async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Eve
 
 
 async def _generate(cfg: c.Config, prompt: str, **request) -> int:
-    from .client import AmusdError
+    from ..frontend.client import AmusdError
 
     try:
         await stream_and_print(cfg, prompt, **request)
@@ -279,7 +279,7 @@ async def _generate(cfg: c.Config, prompt: str, **request) -> int:
 
 
 async def stream_and_print(cfg: c.Config, prompt: str, **kwargs):
-    from .client import AsyncClient
+    from ..frontend.client import AsyncClient
 
     async with AsyncClient(cfg.coordinator_url, timeout_s=cfg.timeout_s, curve_secret_key=cfg.curve_secret_key,
                            curve_server_key=cfg.curve_server_key) as client:
@@ -299,7 +299,7 @@ def print_stats(finish_reason: str, stats: dict) -> None:
 
 def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     """Bring up coordinator, verify and draft as child processes, generate, compare, tear down."""
-    from . import models
+    from .. import models
     from .launch import Deployment, ServiceExited, service_env
 
     print(f"draft  model: {cfg.draft_model} on {cfg.draft_device}")
@@ -325,8 +325,8 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
     import torch
 
-    from .bench.baselines import autoregressive, explain_difference
-    from .runtime.load import warm_for_role
+    from ..bench.baselines import autoregressive, explain_difference
+    from ..runtime.load import warm_for_role
 
     torch.set_num_threads(ar_threads)
     lm = warm_for_role(cfg, c.VERIFY)

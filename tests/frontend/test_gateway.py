@@ -16,7 +16,7 @@ import pytest
 from conftest import PROMPTS
 
 from amusd_mq import AsyncClient, models
-from amusd_mq.launch import Deployment
+from amusd_mq.cli.launch import Deployment
 
 MAX_TOKENS = 16
 MODEL = "tiny-verify"

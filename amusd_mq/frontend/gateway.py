@@ -23,9 +23,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import protocol as p
+from ..config import Config
+from ..wire import protocol as p
 from .client import AmusdError, AsyncClient, Chunk, CoordinatorUnavailableError, GenerationResult
-from .config import Config
 from .metrics import Metrics
 from .openai_api import (
     CHAT_MAX_TOKENS,

@@ -1,7 +1,7 @@
 """Admission: bounds on what waits, and whose request runs next."""
 import pytest
 
-from amusd_mq.admission import Admission, Refused
+from amusd_mq.coordinator.admission import Admission, Refused
 
 A, B, C = b"a", b"b", b"c"
 

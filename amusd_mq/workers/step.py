@@ -27,13 +27,13 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from . import protocol as p
-from .config import Config, ConfigurationError
-from .runtime.lm import LM, Feed, Session
-from .runtime.thread import ModelThread
-from .security import load_keys, secure
-from .tasks import first_to_end, surviving
-from .transport import Rejects, make_socket, recv_valid, send
+from ..config import Config, ConfigurationError
+from ..runtime.lm import LM, Feed, Session
+from ..runtime.thread import ModelThread
+from ..tasks import first_to_end, surviving
+from ..wire import protocol as p
+from ..wire.security import load_keys, secure
+from ..wire.transport import Rejects, make_socket, recv_valid, send
 
 log = logging.getLogger(__name__)
 BACKOFF_CAP_BEATS = 2  # the longest wait between registrations, in heartbeats

@@ -3,7 +3,7 @@ import timeit
 import msgpack
 import pytest
 
-from amusd_mq import protocol as p
+from amusd_mq.wire import protocol as p
 
 SAMPLES = [
     p.Hello(req_id="h"), p.Welcome(req_id="h", instance="i", model="m", verifiers=1, drafts=2, vocab_size=100,

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.asyncio
 
-from .config import ConfigurationError
+from ..config import ConfigurationError
 from .protocol import Batch, Message, ProtocolError, decode, encode, encode_all
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from amusd_mq import AsyncClient, vocab
+from amusd_mq import AsyncClient
 from amusd_mq.runtime.load import load
+from amusd_mq.text import vocab
 
 
 def test_the_coordinators_vocabulary_is_the_workers(tiny_cache, tiny_verify, tiny_draft):

@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from amusd_mq import models
-from amusd_mq.chat import ChatError, ChatTemplate
+from amusd_mq.text.chat import ChatError, ChatTemplate
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sort [3, 1, 2]."},
         {"role": "assistant", "content": "[1, 2, 3]"}, {"role": "user", "content": "Now descending, ünïcode."}]

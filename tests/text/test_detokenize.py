@@ -1,9 +1,9 @@
 import pytest
 
-from amusd_mq import vocab
-from amusd_mq.detokenize import Detokenizer, TextStream
 from amusd_mq.config import pub_url
-from amusd_mq.transport import Rejects
+from amusd_mq.text import vocab
+from amusd_mq.text.detokenize import Detokenizer, TextStream
+from amusd_mq.wire.transport import Rejects
 
 
 def test_streamed_text_equals_full_decode_and_never_splits_characters(tiny_cache):
