@@ -53,7 +53,7 @@ def test_each_part_imports_only_what_it_may():
         own = part(path)
         if own not in MAY_IMPORT:
             continue  # cli and bench may import anything
-        for other in imported_parts(path) - MAY_IMPORT[own] - {own} - (SHARED if own == "shared" else set()):
+        for other in imported_parts(path) - MAY_IMPORT[own] - {own}:
             if (str(path.relative_to(PKG)), other) not in EXCEPTIONS:
                 wrong.append(f"{path.relative_to(PKG)} imports {other}")
     assert not wrong

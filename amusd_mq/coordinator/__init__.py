@@ -1,3 +1,3 @@
-"""The coordinator: its pure core (every request's canonical state, the worker registry, scheduling, what to send
-to whom), `admission` (which request runs next), and the shell that owns its sockets. Imports `wire`, `text` and the
-shared modules, never `workers`, `runtime`, `frontend` or `bench`."""
+"""The coordinator: `shell` the service (every request's canonical state, the worker registry, scheduling, and the
+sockets it all travels on), `admission` (which request runs next). Imports `wire`, `text` and the shared modules,
+never `workers`, `runtime`, `frontend` or `bench`."""
