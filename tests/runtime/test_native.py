@@ -126,11 +126,16 @@ def test_a_token_gets_the_same_logits_decoded_alone_as_verified_among_others(tmp
     tokens, beside another sequence's row, and across the attention's key blocks; wherever the kernels chosen
     say so at load, which the default choice and each quantization do on this machine, and a warning where they
     can't."""
-    from amusd_mq.runtime.kernels import QUANTIZED
+    from amusd_mq.config import ConfigurationError
+    from amusd_mq.runtime.kernels import PATHS, QUANTIZED, candidates
 
     path = save(tmp_path, Qwen2ForCausalLM, Qwen2Config(**{**BASE, "max_position_embeddings": 1100},
                                                          num_key_value_heads=2, tie_word_embeddings=True))
     quant = kernels if kernels in QUANTIZED else "none"
+    if kernels in PATHS and PATHS[kernels] not in candidates(torch.device("cpu"), getattr(torch, dtype)):
+        with pytest.raises(ConfigurationError, match=f"no {kernels} kernel for torch.{dtype}"):  # oneDNN bf16 on AVX2
+            load(path, "cpu", dtype, runner="native", kernels=kernels)
+        return
     with caplog.at_level(logging.WARNING):
         lm = load(path, "cpu", dtype, runner="native", slots=4, max_context=1100,
                   kernels="auto" if kernels in QUANTIZED else kernels, quant=quant)
