@@ -35,11 +35,11 @@ from {module} import {cls} as target
 original = target.{method}
 calls = []
 
-async def failing(self, *args):
+def failing(self, *args):  # returns the coroutine of an async method, for its caller to await
     calls.append(1)
     if len(calls) == 3:
         raise RuntimeError("fault injected into {cls}.{method}")
-    return await original(self, *args)
+    return original(self, *args)
 
 target.{method} = failing
 """
@@ -68,7 +68,7 @@ async def test_a_failed_scheduler_or_heartbeat_ends_the_process_non_zero(deploy,
 
 
 @pytest.mark.parametrize("role,module,cls,method", [
-    ("coordinator", "amusd_mq.coordinator.shell", "Coordinator", "on_verdict"),
+    ("coordinator", "amusd_mq.coordinator.core", "Core", "on_verdict"),
     ("verify", "amusd_mq.workers.verify", "VerifyWorker", "on_propose"),
     ("draft", "amusd_mq.workers.draft", "DraftWorker", "on_commit"),
 ])
