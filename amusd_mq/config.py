@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
 
-COORDINATOR, DRAFT, VERIFY, GATEWAY, CLIENT = "coordinator", "draft", "verify", "gateway", "client"
+from .wire.codes import Role
+
+COORDINATOR, DRAFT, VERIFY, GATEWAY, CLIENT = Role.COORDINATOR, Role.DRAFT, Role.VERIFY, Role.GATEWAY, Role.CLIENT
 WORKERS = (DRAFT, VERIFY)
 SERVICES = (COORDINATOR, DRAFT, VERIFY)
 CLIENTS = (GATEWAY, CLIENT)  # what connects to the coordinator as a client

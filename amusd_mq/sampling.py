@@ -19,11 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .wire.codes import Mode
+
 if TYPE_CHECKING:
     import torch
 # torch is imported where it's used: the client validates sampling parameters without loading it.
 
-MODES = ("greedy", "seeded", "exact")
+MODES = tuple(Mode)
 DRAFT_TOP = 32  # tokens in the draft's proposal distribution: sparse, so it fits in a message
 # Below this, logits / T overflow toward inf and NaN: such a temperature is refused (0 is greedy).
 MIN_TEMPERATURE = 1e-4
@@ -64,7 +66,7 @@ def _draw(weights: torch.Tensor, u: float | torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Sampling:
-    mode: str = "greedy"
+    mode: str = Mode.GREEDY
     temperature: float = 0.0
     top_k: int = 0  # 0: no limit
     top_p: float = 1.0
@@ -79,7 +81,7 @@ class Sampling:
             out.append(f"temperature must be a finite number >= 0, not {self.temperature!r}")
         elif 0 < self.temperature < MIN_TEMPERATURE:
             out.append(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, not {self.temperature!r}")
-        elif self.mode != "greedy" and self.temperature == 0:
+        elif self.mode != Mode.GREEDY and self.temperature == 0:
             out.append(f"sampling_mode {self.mode!r} needs a temperature > 0 (temperature 0 is greedy)")
         if not 0 < self.top_p <= 1:
             out.append(f"top_p must be in (0, 1], not {self.top_p!r}")
@@ -104,7 +106,7 @@ class Sampling:
 
     def choose(self, logits: torch.Tensor, positions: list[int]) -> list[int]:
         """The token at each position in greedy or seeded mode, from logits [len(positions), vocab]."""
-        if self.mode == "greedy":
+        if self.mode == Mode.GREEDY:
             return logits.argmax(-1).tolist()
         return self.scores(logits, positions).argmax(-1).tolist()
 
@@ -117,7 +119,7 @@ class Sampling:
 
     def propose(self, logits: torch.Tensor, position: int) -> tuple[int, list[int] | None, list[float] | None]:
         """The draft's token for one position, and in exact mode the sparse distribution it was drawn from."""
-        if self.mode != "exact":
+        if self.mode != Mode.EXACT:
             return self.choose(logits, [position])[0], None, None
         top = self.probs(logits[0]).topk(min(DRAFT_TOP, logits.shape[-1]))
         keep = top.values > 0
@@ -162,8 +164,8 @@ GREEDY = Sampling()
 def requested(mode: str | None, temperature: float, top_k: int, top_p: float, seed: int) -> Sampling:
     """Sampling as a request asks for it: no mode means greedy at temperature 0, else exact. Raises ValueError
     naming every parameter that can't be served."""
-    mode = mode or ("greedy" if temperature == 0 else "exact")
-    sampling = Sampling(mode, temperature, top_k, top_p, seed if mode != "greedy" else 0)
+    mode = mode or (Mode.GREEDY if temperature == 0 else Mode.EXACT)
+    sampling = Sampling(mode, temperature, top_k, top_p, seed if mode != Mode.GREEDY else 0)
     problems = sampling.problems()
     if problems:
         raise ValueError("; ".join(problems))
@@ -180,7 +182,7 @@ def proposal_problem(mode: str, tokens: list[int], q_ids: list[list[int]], q_pro
     """Why a proposal can't be used, or None. Rejection sampling trusts the distributions, so they are checked."""
     if any(t >= vocab_size for t in tokens):
         return "token ids outside the vocabulary"
-    if mode != "exact":
+    if mode != Mode.EXACT:
         return "distributions are only sent in exact mode" if q_ids or q_probs else None
     if len(q_ids) != len(tokens) or len(q_probs) != len(tokens):
         return "exact mode needs one distribution per token"

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable
 from contextlib import contextmanager
 
+from .wire.codes import Code
 from .wire.transport import Rejects
 
 log = logging.getLogger(__name__)
@@ -45,4 +46,4 @@ def surviving(rejects: Rejects, what: str):
         yield
     except Exception as exc:
         log.exception("handling %s failed; serving on", what)
-        rejects.add("internal", f"handling {what} failed: {exc!r}")
+        rejects.add(Code.INTERNAL, f"handling {what} failed: {exc!r}")

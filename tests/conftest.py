@@ -11,7 +11,8 @@ import zmq
 import zmq.asyncio
 
 from amusd_mq import models
-from amusd_mq.cli.launch import ROLES, Deployment
+from amusd_mq.cli.launch import Deployment
+from amusd_mq.config import SERVICES
 from amusd_mq.runtime.load import load
 from amusd_mq.wire import protocol as p
 
@@ -141,7 +142,7 @@ def deploy(tiny_cache):
     made: list[Deployment] = []
     sock_dir = tempfile.mkdtemp(prefix="amq-")  # short: ipc paths are limited to ~100 bytes
 
-    def start(roles=ROLES, **env) -> Deployment:
+    def start(roles=SERVICES, **env) -> Deployment:
         base = {"AMUSD_COORDINATOR_URL": f"ipc://{sock_dir}/c{len(made)}", "AMUSD_DRAFT_MODEL": "tiny-draft",
                 "AMUSD_VERIFY_MODEL": "tiny-verify", "AMUSD_DTYPE": "float32", "AMUSD_CACHE_DIR": tiny_cache,
                 "AMUSD_THREADS": "1", "AMUSD_HEARTBEAT_S": "0.25", "AMUSD_LOG_LEVEL": "INFO"}

@@ -8,7 +8,7 @@ SERVING = {"wire", "coordinator", "workers", "runtime", "text", "frontend"}
 MAY_IMPORT = {
     "wire": {"config"},
     "text": {"models"},
-    "runtime": SHARED | {"text"},
+    "runtime": SHARED | {"text", "wire"},
     "coordinator": SHARED | {"wire", "text"},
     "workers": SHARED | {"wire", "runtime"},
     "frontend": SHARED | {"wire"},

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..runtime.lm import Check, Guess, propose, verify
+from ..runtime.lm import Check, Guess, propose_guesses, verify_checks
 from ..sampling import GREEDY, Sampling
 from ..sequence import Sequence
 
@@ -38,7 +38,7 @@ def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_id
     run = Run()
     with lm.session() as session:
         while not seq.done:
-            [(tokens, _)] = verify(lm, [Check(session, prompt_ids + seq.committed, [], len(seq.committed), sampling)])
+            [(tokens, _)] = verify_checks(lm, [Check(session, prompt_ids + seq.committed, [], len(seq.committed), sampling)])
             run.commit(seq, tokens, 0, 0)
     return run
 
@@ -54,12 +54,12 @@ def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens:
             q = []
             start = len(seq.committed)
             for _ in range(min(gamma, seq.max_new_tokens - start - 1)):
-                [(token, ids, probs)] = propose(draft_lm, [Guess(draft_session, prompt_ids + seq.committed + draft,
+                [(token, ids, probs)] = propose_guesses(draft_lm, [Guess(draft_session, prompt_ids + seq.committed + draft,
                                                                  start + len(draft), sampling)])
                 draft.append(token)
                 q.append((ids, probs))
                 run.draft_steps += 1
-            [(tokens, accepted)] = verify(verify_lm, [Check(verify_session, prompt_ids + seq.committed, draft, start,
+            [(tokens, accepted)] = verify_checks(verify_lm, [Check(verify_session, prompt_ids + seq.committed, draft, start,
                                                             sampling, q)])
             draft_session.rollback(len(prompt_ids) + start + accepted)  # its rejected guesses are in its cache
             run.commit(seq, tokens, len(draft), accepted)

@@ -13,10 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import COORDINATOR, DRAFT, VERIFY
+from ..config import SERVICES
 from ..frontend.client import AsyncClient, CoordinatorUnavailableError
-
-ROLES = (COORDINATOR, VERIFY, DRAFT)
 
 
 class ServiceExited(RuntimeError):
@@ -34,7 +32,7 @@ def service_env(cfg, url: str) -> dict[str, str]:
 
 
 class Deployment:
-    def __init__(self, env: dict[str, str], log_dir: str | Path, roles: tuple[str, ...] = ROLES):
+    def __init__(self, env: dict[str, str], log_dir: str | Path, roles: tuple[str, ...] = SERVICES):
         self.env = {**os.environ, **env}
         self.url = self.env.get("AMUSD_COORDINATOR_URL", "tcp://127.0.0.1:5550")
         self.log_dir = Path(log_dir)

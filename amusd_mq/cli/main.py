@@ -12,16 +12,16 @@ import time
 
 from .. import config as c
 from ..sampling import MODES, requested
+from ..wire.codes import Mode
 from ..wire.transport import http_listener
 
 DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
-SERVICE_ROLES = (c.COORDINATOR, c.DRAFT, c.VERIFY)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="amusd-mq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for role in SERVICE_ROLES:
+    for role in c.SERVICES:
         c.add_flags(sub.add_parser(role, help=f"run the {role} service"), role)
     c.add_flags(sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway"), c.GATEWAY)
     gen = sub.add_parser("generate", help="stream a generation from a running deployment, then its stats")
@@ -62,12 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(keygen_main(args.dir, args.names.split(","), parser))
     try:
         cfg = c.load(args)
-        if args.command in (*SERVICE_ROLES, c.GATEWAY, "generate"):
+        if args.command in (*c.SERVICES, c.GATEWAY, "generate"):
             _check_keys(cfg, c.CLIENT if args.command == "generate" else args.command)
     except ValueError as exc:  # a setting past its bound: refused before anything starts, as a misconfiguration
         parser.exit(2, f"amusd-mq {args.command}: {exc}\n")
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.command in SERVICE_ROLES:
+    if args.command in c.SERVICES:
         sys.exit(run_service(args.command, cfg, c.is_set("runner", args)))
     if args.command == c.GATEWAY:
         sys.exit(gateway_main(cfg))
@@ -152,7 +152,7 @@ def bench_main(cfg: c.Config, args) -> int:
     sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
     trace = prompts = None
     if args.backend == "trace":
-        if sampling.mode != "greedy":
+        if sampling.mode != Mode.GREEDY:
             raise ValueError("a trace records greedy decisions: sample with --backend hf")
         if not args.trace:
             raise ValueError("--backend trace needs --trace FILE")

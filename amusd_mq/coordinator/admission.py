@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
 
+from ..wire.codes import Code
+
 
 class Refused(Exception):
     def __init__(self, code: str, message: str):
@@ -29,10 +31,10 @@ class Admission:
     def admit(self, client: bytes) -> None:
         """Count a new request of `client` as waiting, or raise Refused."""
         if self.in_flight[client] >= self.per_client:
-            raise Refused("too_many_requests", f"this client already has {self.per_client} requests in flight "
+            raise Refused(Code.TOO_MANY_REQUESTS, f"this client already has {self.per_client} requests in flight "
                                                f"(AMUSD_MAX_CLIENT_REQUESTS); wait for one to finish")
         if self.waiting >= self.max_queued:
-            raise Refused("queue_full", f"{self.max_queued} requests are already waiting (AMUSD_MAX_QUEUE); "
+            raise Refused(Code.QUEUE_FULL, f"{self.max_queued} requests are already waiting (AMUSD_MAX_QUEUE); "
                                         f"try again later")
         self.in_flight[client] += 1
         self.waiting += 1

@@ -24,13 +24,13 @@ from ..text import vocab
 from ..text.chat import ChatError
 from ..text.detokenize import TextStream
 from ..wire import protocol as p
+from ..wire.codes import Code, Policy
 from ..wire.transport import Rejects
 from .admission import Admission, Refused
-from .records import Admitted, Held, Request, Worker
+from .records import Admitted, Held, Request, WorkerRecord
 
 log = logging.getLogger(__name__)
 LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
-POLICIES = ("eager", "amusd")
 # A prompt longer than the context at this many UTF-8 bytes per token can't fit, and is refused before it is
 # tokenized: tokenizing costs about 2 s per MiB, which a few megabytes from one client would make a stall.
 MAX_PROMPT_BYTES_PER_TOKEN = 16
@@ -68,7 +68,7 @@ def requested_sampling(msg: p.Generate) -> Sampling:
     try:
         return requested(msg.sampling_mode, msg.temperature, msg.top_k, msg.top_p, seed)
     except ValueError as exc:
-        raise RequestError("invalid_request", str(exc)) from None
+        raise RequestError(Code.INVALID_REQUEST, str(exc)) from None
 
 
 class RequestError(Exception):
@@ -81,7 +81,7 @@ class Core:
     def __init__(self, cfg: Config, vocabulary: vocab.Vocabulary):
         self.cfg = cfg
         self.vocab = vocabulary
-        self.workers: dict[bytes, Worker] = {}
+        self.workers: dict[bytes, WorkerRecord] = {}
         self.requests: dict[str, Request] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}  # every admitted request, tokenizing ones included
         self.tokenizing: dict[str, Admitted] = {}
@@ -130,11 +130,11 @@ class Core:
                     self._send(p.Heartbeat(), w.identity)
             for held in list(self.held.values()):
                 if now - held.since > self.cfg.queue_timeout_s:
-                    self._fail((held.client, held.msg.req_id), "no_worker",
+                    self._fail((held.client, held.msg.req_id), Code.NO_WORKER,
                                f"no verify worker registered within {self.cfg.queue_timeout_s:g}s")
             for req in list(self.requests.values()):
                 if req.orphaned is not None and now - req.orphaned > self.cfg.failover_s:
-                    self._fail(req.key, "worker_lost", f"its verify worker was lost and no other took over "
+                    self._fail(req.key, Code.WORKER_LOST, f"its verify worker was lost and no other took over "
                                                        f"within {self.cfg.failover_s:g}s")
                 elif req.verifier is not None and now - req.progress > self.cfg.progress_timeout_s:
                     self._stalled(req)
@@ -153,10 +153,10 @@ class Core:
             if admitted is None:
                 return out
             if isinstance(result, ChatError):
-                self._refuse(admitted, RequestError("invalid_request", str(result)))
+                self._refuse(admitted, RequestError(Code.INVALID_REQUEST, str(result)))
             elif isinstance(result, Exception):
                 log.error("tokenizing a prompt failed", exc_info=result)
-                self._refuse(admitted, RequestError("internal", f"the prompt could not be tokenized: {result!r}"))
+                self._refuse(admitted, RequestError(Code.INTERNAL, f"the prompt could not be tokenized: {result!r}"))
             else:
                 self._enqueue(admitted, result)
         return out
@@ -165,7 +165,7 @@ class Core:
         """Every request still in flight ends, each client told with what it committed."""
         with self._call(now) as out:
             for key in list(self.by_client):
-                self._fail(key, "shutdown", "the coordinator is shutting down")
+                self._fail(key, Code.SHUTDOWN, "the coordinator is shutting down")
         return out
 
     @contextmanager
@@ -180,16 +180,16 @@ class Core:
         handler = self.handlers.get(type(msg))
         req_id = getattr(msg, "req_id", None)  # so that a refusal reaches the request it is about
         if handler is None:
-            self._reject(identity, "unexpected_type", f"{msg.TYPE} is not accepted by the coordinator", req_id)
+            self._reject(identity, Code.UNEXPECTED_TYPE, f"{msg.TYPE} is not accepted by the coordinator", req_id)
             return
         try:
             handler(identity, msg)
         except Exception:  # a bug in one handler must not take the service down
             log.exception("handling %s failed", msg.TYPE)
             if (identity, req_id) in self.by_client:  # it was let in: it ends, with what it committed
-                self._fail((identity, req_id), "internal", f"internal error handling {msg.TYPE}")
+                self._fail((identity, req_id), Code.INTERNAL, f"internal error handling {msg.TYPE}")
             else:
-                self._reject(identity, "internal", f"internal error handling {msg.TYPE}", req_id)
+                self._reject(identity, Code.INTERNAL, f"internal error handling {msg.TYPE}", req_id)
 
     def _stalled(self, req: Request) -> None:
         """No commit for a while: a forward pass that never ends is a dead verifier; otherwise a message was
@@ -227,11 +227,11 @@ class Core:
 
     # clients
 
-    def _verifiers(self) -> list[Worker]:
+    def _verifiers(self) -> list[WorkerRecord]:
         """The verify workers that can serve: an unhealthy one is registered but given no work."""
         return [w for w in self.workers.values() if w.info.role == VERIFY and w.beat.healthy]
 
-    def _drafts(self) -> list[Worker]:
+    def _drafts(self) -> list[WorkerRecord]:
         return [w for w in self.workers.values() if w.info.role == DRAFT and w.beat.healthy]
 
     def on_hello(self, identity: bytes, msg: p.Hello) -> None:
@@ -259,9 +259,9 @@ class Core:
         key = (identity, msg.req_id)
         try:
             if key in self.by_client:
-                raise RequestError("invalid_request", f"request id {msg.req_id!r} is already in flight")
+                raise RequestError(Code.INVALID_REQUEST, f"request id {msg.req_id!r} is already in flight")
             if not self._verifiers() and self.cfg.queue_timeout_s == 0:
-                raise RequestError("no_worker", "no verify worker is registered with the coordinator")
+                raise RequestError(Code.NO_WORKER, "no verify worker is registered with the coordinator")
             self.admission.admit(identity)
         except (RequestError, Refused) as exc:
             self._reject(identity, exc.code, str(exc), msg.req_id)
@@ -322,42 +322,42 @@ class Core:
         request's lookahead."""
         info = self._verifiers()[0].info
         if sum(x is not None for x in (msg.prompt, msg.prompt_ids, msg.messages)) != 1:
-            raise RequestError("invalid_request", "give exactly one of prompt, prompt_ids and messages")
+            raise RequestError(Code.INVALID_REQUEST, "give exactly one of prompt, prompt_ids and messages")
         if msg.prompt_ids is None:
             if self.vocab.tokenizer is None:
-                raise RequestError("invalid_request", "the verify model has no tokenizer; send prompt_ids")
+                raise RequestError(Code.INVALID_REQUEST, "the verify model has no tokenizer; send prompt_ids")
             if msg.messages is not None and self.vocab.chat is None:
-                raise RequestError("invalid_request", f"the verify model {self.cfg.verify_model} has no chat "
+                raise RequestError(Code.INVALID_REQUEST, f"the verify model {self.cfg.verify_model} has no chat "
                                                       f"template; send a prompt")
             text = msg.prompt or "".join(m.get("content", "") for m in msg.messages)
             size, limit = len(text.encode()), info.max_context * MAX_PROMPT_BYTES_PER_TOKEN
             if size > limit:
-                raise RequestError("invalid_request", f"a prompt of {size} bytes can't fit the model context of "
+                raise RequestError(Code.INVALID_REQUEST, f"a prompt of {size} bytes can't fit the model context of "
                                                       f"{info.max_context} tokens (at most {limit} bytes); send "
                                                       f"prompt_ids to go beyond {MAX_PROMPT_BYTES_PER_TOKEN} bytes "
                                                       f"per token")
         if msg.stop and self.vocab.tokenizer is None:
-            raise RequestError("invalid_request", "stop strings need the verify model's tokenizer")
+            raise RequestError(Code.INVALID_REQUEST, "stop strings need the verify model's tokenizer")
         if msg.max_new_tokens < 1:
-            raise RequestError("invalid_request", "max_new_tokens must be at least 1")
+            raise RequestError(Code.INVALID_REQUEST, "max_new_tokens must be at least 1")
         lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
         if not LOOKAHEAD.bound.admits(lookahead):
-            raise RequestError("invalid_request", f"lookahead must be {LOOKAHEAD.bound}, not {lookahead}")
-        if msg.policy not in POLICIES:
-            raise RequestError("invalid_request", f"policy must be one of {POLICIES}, not {msg.policy!r}")
+            raise RequestError(Code.INVALID_REQUEST, f"lookahead must be {LOOKAHEAD.bound}, not {lookahead}")
+        if msg.policy not in tuple(Policy):
+            raise RequestError(Code.INVALID_REQUEST, f"policy must be one of {tuple(Policy)}, not {msg.policy!r}")
         return info, lookahead
 
     @staticmethod
     def _validate_ids(ids: list[int], msg: p.Generate, info: p.Register) -> None:
         if not ids:
-            raise RequestError("invalid_request", "the prompt is empty")
+            raise RequestError(Code.INVALID_REQUEST, "the prompt is empty")
         if len(ids) + msg.max_new_tokens > info.max_context:
-            raise RequestError("invalid_request", f"prompt of {len(ids)} tokens plus max_new_tokens="
+            raise RequestError(Code.INVALID_REQUEST, f"prompt of {len(ids)} tokens plus max_new_tokens="
                                                   f"{msg.max_new_tokens} exceeds the model context of "
                                                   f"{info.max_context}")
         bad = [t for t in ids + msg.stop_token_ids if t >= info.vocab_size]
         if bad:
-            raise RequestError("invalid_request",
+            raise RequestError(Code.INVALID_REQUEST,
                                f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
 
     def on_cancel(self, identity: bytes, msg: p.Cancel) -> None:
@@ -373,7 +373,7 @@ class Core:
         self.clients_lost += 1
         for key in keys:
             self.cancelled += 1
-            self._fail(key, "client_lost", f"cancelled: this client sent nothing for "
+            self._fail(key, Code.CLIENT_LOST, f"cancelled: this client sent nothing for "
                                            f"{self.cfg.heartbeat_expiry_s:g}s while the request ran")
         self.clients.pop(client, None)
 
@@ -401,17 +401,17 @@ class Core:
 
     def on_register(self, identity: bytes, msg: p.Register) -> None:
         if msg.role not in (DRAFT, VERIFY):
-            self._reject(identity, "invalid_register", f"unknown role {msg.role!r}")
+            self._reject(identity, Code.INVALID_REGISTER, f"unknown role {msg.role!r}")
             return
         if msg.vocab_hash != self.vocab.hash:
-            self._reject(identity, "vocab_mismatch",
+            self._reject(identity, Code.VOCAB_MISMATCH,
                          f"{msg.role} model {msg.model} has a different vocabulary from {self.cfg.verify_model}, "
                          f"which this coordinator serves")
             return
         old = self.workers.get(identity)
         if old is not None:
             self._drop_worker(old, "re-registered")
-        self.workers[identity] = Worker(identity, msg, self.now)
+        self.workers[identity] = WorkerRecord(identity, msg, self.now)
         log.info("registered %s worker %s (%s)", msg.role, identity.hex(), msg.model)
         self._send(p.Registered(seq=self.pub_seq, heartbeat_s=self.cfg.heartbeat_s, liveness=self.cfg.liveness),
                    identity)
@@ -419,11 +419,11 @@ class Core:
             self._admit_held()
         self._schedule()
 
-    def _worker(self, identity: bytes, role: str | None = None) -> Worker | None:
+    def _worker(self, identity: bytes, role: str | None = None) -> WorkerRecord | None:
         """The registered worker behind identity; an unknown one is told to register again."""
         w = self.workers.get(identity)
         if w is None or (role is not None and w.info.role != role):
-            kind = "unknown_worker" if w is None else "wrong_role"
+            kind = Code.UNKNOWN_WORKER if w is None else Code.WRONG_ROLE
             self._reject(identity, kind, "register first" if w is None else f"only a {role} worker may send this")
             return None
         w.last_seen = self.now
@@ -451,7 +451,7 @@ class Core:
         if req is None or identity not in (req.verifier, req.draft):
             return  # ended meanwhile
         if identity == req.verifier:
-            self._fail(req.key, "internal", msg.message)
+            self._fail(req.key, Code.INTERNAL, msg.message)
             return
         log.warning("request %s goes on without a draft: %s", req.rid, msg.message)
         w.requests.discard(req.rid)
@@ -471,7 +471,7 @@ class Core:
             return None
         req = self.requests.get(req_id)
         if req is None or identity not in (req.verifier, req.draft):
-            self.rejects.add("stale", f"{role} message for a request it no longer serves")
+            self.rejects.add(Code.STALE, f"{role} message for a request it no longer serves")
             self._send(p.Release(req_id=req_id), identity)  # in case its Release was lost
             return None
         return req
@@ -483,7 +483,7 @@ class Core:
         problem = proposal_problem(req.sampling.mode, msg.token_ids, msg.q_ids, msg.q_probs,
                                    self.workers[identity].info.vocab_size)
         if problem:
-            self._reject(identity, "invalid_proposal", f"proposal refused: {problem}", msg.req_id)
+            self._reject(identity, Code.INVALID_PROPOSAL, f"proposal refused: {problem}", msg.req_id)
             return
         start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids)
         if fresh and req.verifier is not None:
@@ -498,14 +498,14 @@ class Core:
         if req is None:
             return
         if any(t >= self.workers[identity].info.vocab_size for t in msg.token_ids) or msg.accepted > msg.proposed:
-            self._reject(identity, "invalid_verdict", "verdict with out-of-range values", msg.req_id)
+            self._reject(identity, Code.INVALID_VERDICT, "verdict with out-of-range values", msg.req_id)
             return
         applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, msg.step_ms / 1000, msg.rows)
         if applied is None:
             if msg.start > len(req.seq.committed) and msg.epoch >= req.resent_epoch:
                 self._resend(req, f"a verdict before position {msg.start} was lost")
             else:
-                self.rejects.add("stale", f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
+                self.rejects.add(Code.STALE, f"verdict at {msg.start}, committed length {len(req.seq.committed)}")
             return
         req.progress, req.stalled_at = self.now, None
         req.reach = min(msg.lookahead, req.lookahead)
@@ -533,7 +533,7 @@ class Core:
     # assignment
 
     @staticmethod
-    def _least_loaded(workers: list[Worker]) -> Worker | None:
+    def _least_loaded(workers: list[WorkerRecord]) -> WorkerRecord | None:
         """The worker with the most room, if any has room: requests spread over workers before they batch."""
         free = [w for w in workers if len(w.requests) < w.info.max_batch]
         return min(free, key=lambda w: len(w.requests) / w.info.max_batch, default=None)
@@ -616,12 +616,12 @@ class Core:
         self._release(req)
         self._schedule()
 
-    def _drop_worker(self, w: Worker, why: str) -> None:
+    def _drop_worker(self, w: WorkerRecord, why: str) -> None:
         log.warning("dropping %s worker %s: %s", w.info.role, w.identity.hex(), why)
         self.workers.pop(w.identity, None)
         self._hand_on(w)
 
-    def _hand_on(self, w: Worker) -> None:
+    def _hand_on(self, w: WorkerRecord) -> None:
         """A worker's requests, to others: a verifier's resume on the next with room, from their committed
         tokens; a draft's carry on without one until a draft with room joins."""
         for req in [self.requests[rid] for rid in w.requests if rid in self.requests]:

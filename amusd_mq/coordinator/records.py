@@ -10,7 +10,7 @@ from ..wire import protocol as p
 
 
 @dataclass
-class Worker:
+class WorkerRecord:
     identity: bytes
     info: p.Register
     last_seen: float
@@ -26,7 +26,7 @@ class Request:
     client: bytes
     client_req_id: str
     seq: Sequence
-    lookahead: int  # the cap
+    lookahead: int  # the request's cap on draft tokens past the committed end; reach never exceeds it
     policy: str
     sampling: Sampling
     text: TextStream

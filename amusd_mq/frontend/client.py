@@ -22,6 +22,7 @@ import zmq.asyncio
 from ..config import BY_NAME, CLIENT, load
 from ..sampling import requested
 from ..wire import protocol as p
+from ..wire.codes import Code, Policy
 from ..wire.security import load_keys, secure
 from ..wire.transport import make_socket, recv, send
 
@@ -30,18 +31,22 @@ log = logging.getLogger(__name__)
 
 class AmusdError(Exception):
     """Base of every error the client raises."""
+    CODES: tuple[Code, ...] = ()  # the refusals' codes that raise it
 
 
 class CoordinatorUnavailableError(AmusdError, ConnectionError):
     """Nothing answered at the coordinator address, or it went silent."""
+    CODES = (Code.COORDINATOR_RESTARTED,)
 
 
 class NoWorkerError(AmusdError):
     """The coordinator has no verify worker to serve the request."""
+    CODES = (Code.NO_WORKER,)
 
 
 class InvalidRequestError(AmusdError, ValueError):
     """The request was refused as invalid; nothing was generated."""
+    CODES = (Code.INVALID_REQUEST, Code.FIELD)
 
 
 class RequestTimeoutError(AmusdError, TimeoutError):
@@ -51,10 +56,12 @@ class RequestTimeoutError(AmusdError, TimeoutError):
 class OverloadedError(AmusdError):
     """Refused for load: the coordinator's queue is full, or this client has as many requests in flight as it
     may. Nothing was generated; try again later."""
+    CODES = (Code.QUEUE_FULL, Code.TOO_MANY_REQUESTS)
 
 
 class RequestTooLargeError(InvalidRequestError):
     """The request doesn't fit one frame of the coordinator's (AMUSD_MAX_MESSAGE_BYTES): it was not sent."""
+    CODES = (Code.OVERSIZED,)
 
 
 class ClientClosedError(AmusdError):
@@ -70,9 +77,9 @@ class RequestFailedError(AmusdError):
         self.token_ids = token_ids
 
 
-ERRORS = {"coordinator_restarted": CoordinatorUnavailableError, "no_worker": NoWorkerError,
-          "invalid_request": InvalidRequestError, "field": InvalidRequestError, "oversized": RequestTooLargeError,
-          "queue_full": OverloadedError, "too_many_requests": OverloadedError}
+# What a refusal's code raises; any other code, or one with committed tokens, raises RequestFailedError.
+ERRORS = {code: error for error in (CoordinatorUnavailableError, NoWorkerError, InvalidRequestError, OverloadedError,
+                                    RequestTooLargeError) for code in error.CODES}
 READY_POLL_S = 0.1
 LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
 CANCEL_LINGER_MS = 200  # how long close() gives its cancels to leave when the coordinator is slow to take them
@@ -227,7 +234,7 @@ class AsyncClient:
         than wait forever (this one answers pings)."""
         self.welcome.instance = instance
         for req_id, queue in self._streams.items():
-            queue.put_nowait(p.Error(code="coordinator_restarted", req_id=req_id,
+            queue.put_nowait(p.Error(code=Code.COORDINATOR_RESTARTED, req_id=req_id,
                                      message="the coordinator restarted and lost the request; submit it again"))
 
     async def _read(self) -> None:
@@ -289,7 +296,7 @@ class AsyncClient:
     async def _run(self, prompt: str | None, *, result: GenerationResult, max_new_tokens: int,
                    prompt_ids: list[int] | None = None, messages: list[dict[str, str]] | None = None,
                    stop_token_ids=(), stop=(), ignore_eos: bool = False,
-                   lookahead: int | None = None, deadline_s: float | None = None, policy: str = "eager",
+                   lookahead: int | None = None, deadline_s: float | None = None, policy: str = Policy.EAGER,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                    sampling_mode: str | None = None) -> AsyncIterator[Chunk]:
         msg = _request(prompt, prompt_ids, messages, max_new_tokens, list(stop_token_ids), list(stop), ignore_eos,

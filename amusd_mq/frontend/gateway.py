@@ -34,7 +34,7 @@ from .openai_api import (
     ChatRequest,
     CompletionRequest,
     Reply,
-    Sampling,
+    SamplingBody,
     api_error,
     models_body,
 )
@@ -200,7 +200,7 @@ class Gateway:
 
     # generation
 
-    async def _serve(self, body: Sampling, request: Request, authorization: str | None, kind: str,
+    async def _serve(self, body: SamplingBody, request: Request, authorization: str | None, kind: str,
                      default_max_tokens: int) -> Response:
         self._authorize(authorization)
         prompts = body.prompts()

@@ -49,7 +49,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
+class SamplingBody(BaseModel):
     """What completions and chat share. Unknown fields are ignored, as OpenAI's own server does."""
     model_config = ConfigDict(extra="ignore")
 
@@ -92,7 +92,7 @@ class Sampling(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-class CompletionRequest(Sampling):
+class CompletionRequest(SamplingBody):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
@@ -125,7 +125,7 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": self.content or ""}
 
 
-class ChatRequest(Sampling):
+class ChatRequest(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False

@@ -4,7 +4,7 @@ hold one sequence's KV cache each.
 A runner takes a batch of rows in one step: each row is a slot (one sequence's cache), the position its new
 tokens start at, the tokens, and how many of the last positions it wants logits for. A session owns a slot
 and the length of its cache that is still valid; the caller, who knows where a sequence was rolled back, says
-so with `rollback`, and nothing is compared or copied to find it. `verify` and `propose` take many sequences
+so with `rollback`, and nothing is compared or copied to find it. `verify_checks` and `propose_guesses` take many sequences
 at once and run them in one forward pass.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from .. import config
 from ..sampling import GREEDY, Sampling
+from ..wire.codes import Mode
 
 DTYPES = {name: getattr(torch, name) for name in config.DTYPES}
 
@@ -195,20 +196,20 @@ class Guess:
     sampling: Sampling = GREEDY
 
 
-def verify(lm: LM, checks: list[Check]) -> list[tuple[list[int], int]]:
+def verify_checks(lm: LM, checks: list[Check]) -> list[tuple[list[int], int]]:
     """One verify pass over many sequences: for each, the accepted prefix of its draft and the verifier's own next
     token. In greedy and seeded mode the accepted prefix is the one the model agrees with; in exact mode,
     rejection sampling against the draft's distributions. Each session is left holding its sequence and the
     accepted tokens."""
     feeds = [Feed(c.session, c.seq + c.draft, len(c.draft) + 1) for c in checks]
-    if all(c.sampling.mode == "greedy" for c in checks):
+    if all(c.sampling.mode == Mode.GREEDY for c in checks):
         choices, logits = lm.greedy(feeds), [None] * len(checks)
     else:
         choices, logits = [None] * len(checks), lm.logits(feeds)
     out = []
     for c, chosen, scores in zip(checks, choices, logits):
         n = len(c.draft) + 1
-        if c.sampling.mode == "exact":
+        if c.sampling.mode == Mode.EXACT:
             tokens, accepted = c.sampling.verify_exact(scores, c.draft, c.start, c.q)
         else:
             if chosen is None:
@@ -222,9 +223,9 @@ def verify(lm: LM, checks: list[Check]) -> list[tuple[list[int], int]]:
     return out
 
 
-def propose(lm: LM, guesses: list[Guess]) -> list[tuple[int, list[int] | None, list[float] | None]]:
+def propose_guesses(lm: LM, guesses: list[Guess]) -> list[tuple[int, list[int] | None, list[float] | None]]:
     """Each sequence's next draft token in one pass, with its distribution in exact mode."""
     feeds = [Feed(g.session, g.seq, 1) for g in guesses]
-    if all(g.sampling.mode == "greedy" for g in guesses):
+    if all(g.sampling.mode == Mode.GREEDY for g in guesses):
         return [(chosen[0], None, None) for chosen in lm.greedy(feeds)]
     return [g.sampling.propose(scores, g.position) for g, scores in zip(guesses, lm.logits(feeds))]

@@ -243,7 +243,7 @@ class NativeModel:
         return self.linears["head"](self._rms(x[:, n - n_out:], self.norm), self.head, None)
 
 
-class Batch:
+class StepInputs:
     """Rows packed right-aligned into [rows, tokens] tensors; padding writes to the scratch slot."""
 
     def __init__(self, rows: list[Row], n_rows: int, n_tokens: int, scratch: int):
@@ -280,7 +280,7 @@ class Graphs:
                 self._capture(n_rows, n_tokens)
 
     def _capture(self, n_rows: int, n_tokens: int) -> None:
-        inputs = Batch([], n_rows, n_tokens, self.model.scratch).to(self.model.device)
+        inputs = StepInputs([], n_rows, n_tokens, self.model.scratch).to(self.model.device)
         args = (*inputs, self.model.max_len, n_tokens)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -300,7 +300,7 @@ class Graphs:
         if n_rows is None or n_tokens is None:
             return None
         graph, inputs, out = self.captured[n_rows, n_tokens]
-        for static, value in zip(inputs, Batch(rows, n_rows, n_tokens, self.model.scratch).tensors()):
+        for static, value in zip(inputs, StepInputs(rows, n_rows, n_tokens, self.model.scratch).tensors()):
             static.copy_(value)
         graph.replay()
         return out
@@ -339,7 +339,7 @@ class NativeLM(LM):
         n_tokens = max(len(r.tokens) for r in rows)
         seen = max(r.start + len(r.tokens) for r in rows)  # only the positions some row can see, in whole blocks
         keys = min(self.model.max_len, -(-seen // KEY_BLOCK) * KEY_BLOCK)
-        batch = Batch(rows, len(rows), n_tokens, self.model.scratch)
+        batch = StepInputs(rows, len(rows), n_tokens, self.model.scratch)
         return self.model.forward(*batch.to(self.model.device), keys, n_out or max(r.n_out for r in rows))
 
     def _prefill(self, row: Row) -> torch.Tensor:

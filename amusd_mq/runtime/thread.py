@@ -15,7 +15,7 @@ class ModelThread:
     def __init__(self, threads: int = 0):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = threads
-        self.done = 0  # jobs finished, and whether one is running: heartbeats report both, so the
+        self.passes = 0  # jobs finished, and whether one is running: heartbeats report both, so the
         self.busy = False  # coordinator can tell a hung forward pass from a slow or idle worker
         threading.Thread(target=self._run, name="model", daemon=True).start()
 
@@ -30,7 +30,7 @@ class ModelThread:
             except BaseException as exc:  # delivered to the awaiting coroutine
                 outcome = (None, exc)
             self.busy = False
-            self.done += 1
+            self.passes += 1
             try:
                 loop.call_soon_threadsafe(_settle, future, *outcome)
             except RuntimeError:  # the loop closed while this ran: nobody is waiting for the result

@@ -15,6 +15,8 @@ from typing import Callable, ClassVar, Union
 
 import msgpack
 
+from .codes import Code, Mode, Policy
+
 PROTOCOL_VERSION = 5
 INT_LIMIT = 1 << 63
 HEAD_BYTES = 1024  # where a refused frame's request id is looked for
@@ -123,7 +125,7 @@ class Generate(Message):
     stop: list[str] = field(default_factory=list)  # stop strings: the text ends before the first one to appear
     ignore_eos: bool = False
     lookahead: int | None = None
-    policy: str = "eager"  # or "amusd": the original's verifier, waiting for 2 proposals; for benchmarks
+    policy: str = Policy.EAGER  # or "amusd": the original's verifier, waiting for 2 proposals; for benchmarks
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -255,9 +257,9 @@ class Assign(Message):
     epoch: int
     max_new_tokens: int
     stop_token_ids: list[int]
-    lookahead: int  # the request's cap on draft tokens past the committed end
+    lookahead: int  # draft tokens past the committed end: the request's cap to a verifier, its reach to a draft
     policy: str
-    sampling_mode: str = "greedy"
+    sampling_mode: str = Mode.GREEDY
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -394,13 +396,13 @@ def decode(frame: bytes, max_bytes: int) -> Message:
     """The message a frame holds, or ProtocolError: whatever the bytes, nothing else can come out of here."""
     try:
         if len(frame) > max_bytes:
-            raise ProtocolError("oversized", f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
+            raise ProtocolError(Code.OVERSIZED, f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
         try:
             return _decode(frame)
         except ProtocolError:
             raise
         except Exception as exc:  # a rule this decoder forgot: still a refused frame, never a dead receive loop
-            raise ProtocolError("malformed", f"undecodable frame ({type(exc).__name__}: {exc})") from None
+            raise ProtocolError(Code.MALFORMED, f"undecodable frame ({type(exc).__name__}: {exc})") from None
     except ProtocolError as exc:
         exc.req_id = _head_req_id(frame)
         raise
@@ -426,18 +428,18 @@ def _decode(frame: bytes) -> Message:
     try:
         body = msgpack.unpackb(frame, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
-        raise ProtocolError("malformed", f"not msgpack: {exc}") from None
+        raise ProtocolError(Code.MALFORMED, f"not msgpack: {exc}") from None
     if not isinstance(body, dict):
-        raise ProtocolError("malformed", "frame is not a msgpack map")
+        raise ProtocolError(Code.MALFORMED, "frame is not a msgpack map")
     if not all(type(k) is str for k in body):
-        raise ProtocolError("malformed", "map keys must be strings")
+        raise ProtocolError(Code.MALFORMED, "map keys must be strings")
     version = body.pop("v", None)
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError("version", f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+        raise ProtocolError(Code.VERSION, f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
     if body.get("t") == Batch.TYPE:
         inner = body.pop("messages", None)
         if set(body) != {"t"} or type(inner) is not list or not all(type(m) is dict for m in inner):
-            raise ProtocolError("field", "batch: expected exactly a list of message maps in 'messages'")
+            raise ProtocolError(Code.FIELD, "batch: expected exactly a list of message maps in 'messages'")
         return Batch([_message(m) for m in inner])
     return _message(body)
 
@@ -446,16 +448,16 @@ def _message(body: dict) -> Message:
     kind = body.pop("t", None)
     cls = MESSAGES.get(kind) if type(kind) is str and kind != Batch.TYPE else None
     if cls is None:
-        raise ProtocolError("unknown_type", "unknown message type")
+        raise ProtocolError(Code.UNKNOWN_TYPE, "unknown message type")
     known = _FIELDS[cls]
     if len(body) > len(known) or not set(body) <= {f.name for f in known}:
-        raise ProtocolError("field", f"{cls.TYPE}: unknown fields {sorted(set(body) - {f.name for f in known})}")
+        raise ProtocolError(Code.FIELD, f"{cls.TYPE}: unknown fields {sorted(set(body) - {f.name for f in known})}")
     for f in known:
         if f.name not in body:
             if f.required:
-                raise ProtocolError("field", f"{cls.TYPE}: missing field {f.name!r}")
+                raise ProtocolError(Code.FIELD, f"{cls.TYPE}: missing field {f.name!r}")
         elif not f.check(body[f.name]):
-            raise ProtocolError("field", f"{cls.TYPE}.{f.name}: expected {_name(f.type)}")
+            raise ProtocolError(Code.FIELD, f"{cls.TYPE}.{f.name}: expected {_name(f.type)}")
     return cls(**body)
 
 

@@ -18,6 +18,7 @@ from zmq.auth.asyncio import AsyncioAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from ..config import BY_NAME, COORDINATOR
+from .codes import Code
 from .transport import Rejects
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,9 @@ class Gate:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
                 if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                    self.rejects.add("not_allowed", "a peer's CURVE key is not in the allow-list")
+                    self.rejects.add(Code.NOT_ALLOWED, "a peer's CURVE key is not in the allow-list")
                 else:
-                    self.rejects.add("handshake_failed", f"a peer failed the CURVE handshake (error "
+                    self.rejects.add(Code.HANDSHAKE_FAILED, f"a peer failed the CURVE handshake (error "
                                                          f"{event['value']:#x}): most likely it has no CURVE key")
         finally:
             sock.disable_monitor()

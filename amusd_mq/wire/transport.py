@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from ..config import ConfigurationError
+from .codes import Code
 from .protocol import Batch, Message, ProtocolError, decode, encode, encode_all
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = 
     `oversized`) instead of being sent to be refused there."""
     frame = encode(msg)
     if limit is not None and len(frame) > limit:
-        raise ProtocolError("oversized", f"a frame of {len(frame)} bytes exceeds the receiver's limit of {limit}")
+        raise ProtocolError(Code.OVERSIZED, f"a frame of {len(frame)} bytes exceeds the receiver's limit of {limit}")
     await _send_frame(sock, frame, [msg], identity)
 
 
@@ -145,7 +146,7 @@ async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[
     identity = frames.pop(0) if routed and len(frames) > 1 else None
     try:
         if len(frames) != 1:
-            raise ProtocolError("malformed", f"expected one payload frame, got {len(frames)}")
+            raise ProtocolError(Code.MALFORMED, f"expected one payload frame, got {len(frames)}")
         msg = decode(frames[0], max_bytes)
     except ProtocolError as exc:
         exc.identity = identity

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import zmq
 
 from ..config import DRAFT, pub_url
-from ..runtime.lm import Guess, Session, propose
+from ..runtime.lm import Guess, Session, propose_guesses
 from ..sampling import GREEDY, Sampling, sampling_of
 from ..wire import protocol as p
+from ..wire.codes import Mode
 from ..wire.security import secure
 from ..wire.transport import make_socket, send, send_all
 from .step import Served, Worker
@@ -152,7 +153,7 @@ class DraftWorker(Worker):
         self.inject_failure([guess.seq for _, _, guess, _ in batch])
         for r, _, _, valid in batch:
             r.session.rollback(valid)
-        out = propose(self.lm, [guess for _, _, guess, _ in batch])
+        out = propose_guesses(self.lm, [guess for _, _, guess, _ in batch])
         if self.cfg.draft_delay_ms:
             time.sleep(self.cfg.draft_delay_ms / 1000)
         if self.cfg.draft_wrong:
@@ -175,6 +176,6 @@ class DraftWorker(Worker):
     @staticmethod
     def _proposal(r: DraftRequest, start: int, end: int) -> p.Propose:
         """The guesses at positions [start, end), with their distributions in exact mode."""
-        dists = [r.dists[i] for i in range(start, end)] if r.sampling.mode == "exact" else []
+        dists = [r.dists[i] for i in range(start, end)] if r.sampling.mode == Mode.EXACT else []
         return p.Propose(req_id=r.rid, epoch=r.epoch, pos=start, token_ids=r.guess[start:end],
                          q_ids=[d[0] for d in dists], q_probs=[d[1] for d in dists])

@@ -32,6 +32,7 @@ from ..runtime.lm import LM, Feed, Session
 from ..runtime.thread import ModelThread
 from ..tasks import first_to_end, surviving
 from ..wire import protocol as p
+from ..wire.codes import Code
 from ..wire.security import load_keys, secure
 from ..wire.transport import Rejects, make_socket, recv_valid, send
 
@@ -172,7 +173,7 @@ class Worker:
         for msg in msgs:
             handler = handlers.get(type(msg))
             if handler is None:
-                self.rejects.add("unexpected_type", f"{msg.TYPE} is not accepted by {receiver}")
+                self.rejects.add(Code.UNEXPECTED_TYPE, f"{msg.TYPE} is not accepted by {receiver}")
                 continue
             with surviving(self.rejects, msg.TYPE):
                 await handler(msg)
@@ -191,7 +192,7 @@ class Worker:
                 await self._beat()
 
     async def _beat(self) -> None:
-        await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.done, healthy=self.healthy))
+        await send(self.dealer, p.Heartbeat(busy=self.thread.busy, passes=self.thread.passes, healthy=self.healthy))
 
     @property
     def healthy(self) -> bool:
@@ -201,7 +202,7 @@ class Worker:
         pass
 
     async def on_error(self, msg: p.Error) -> None:
-        if msg.code == "unknown_worker":  # the coordinator restarted and forgot us
+        if msg.code == Code.UNKNOWN_WORKER:  # the coordinator restarted and forgot us
             log.warning("the coordinator does not know this worker")
             self.forgotten.set()
             return
@@ -214,10 +215,10 @@ class Worker:
                 return  # a duplicate
             self._drop(msg.req_id)  # resent under a newer epoch: what it holds was built on a lost message
         if any(t >= self.lm.vocab_size for t in msg.prompt_ids + msg.committed):
-            self.rejects.add("invalid_assign", "assignment with token ids outside the vocabulary")
+            self.rejects.add(Code.INVALID_ASSIGN, "assignment with token ids outside the vocabulary")
             return
         if len(self.requests) >= self.cfg.max_batch:  # the coordinator assigns no more; only a bug gets here
-            self.rejects.add("over_capacity", f"assignment beyond AMUSD_MAX_BATCH={self.cfg.max_batch}")
+            self.rejects.add(Code.OVER_CAPACITY, f"assignment beyond AMUSD_MAX_BATCH={self.cfg.max_batch}")
             return
         self.requests[msg.req_id] = self.new_request(msg, self.lm.session())
         self.work.set()
@@ -258,7 +259,7 @@ class Worker:
         except Exception as exc:
             for (state, *_), length in zip(batch, lengths):
                 state.session.rollback(length)
-            self.rejects.add("pass_failed", f"a {self.role} pass over {len(batch)} requests failed: {exc!r}")
+            self.rejects.add(Code.PASS_FAILED, f"a {self.role} pass over {len(batch)} requests failed: {exc!r}")
             if len(batch) == 1:
                 await self._broken(batch[0][0], exc)
             else:

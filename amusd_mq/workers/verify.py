@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import VERIFY
-from ..runtime.lm import Check, Session, verify
+from ..runtime.lm import Check, Session, verify_checks
 from ..sampling import GREEDY, Sampling, proposal_problem, sampling_of
 from ..sequence import Sequence
 from ..wire import protocol as p
+from ..wire.codes import Code, Mode, Policy
 from ..wire.transport import send, send_all
 from .speculation import Acceptance, CostModel, Switch, best_depth
 from .step import Served, Worker
@@ -31,7 +32,7 @@ CALIBRATION = ((1, 1), (1, 8), (4, 8))  # (rows, tokens per row) of the passes t
 class VerifyRequest(Served):
     seq: Sequence  # the committed tokens and the termination rules, shared with the coordinator's logic
     lookahead: int  # the request's cap
-    policy: str = "eager"
+    policy: str = Policy.EAGER
     sampling: Sampling = GREEDY
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(0.5))
     proposals: dict[int, int] = field(default_factory=dict)  # position -> token, all of one epoch
@@ -71,7 +72,7 @@ class VerifyRequest(Served):
         """Whether it joins the next pass. The original AMUSD verifier (the amusd policy, kept for benchmarks)
         waits until the draft is 2 ahead; unlike the original it gives up after patience_s, so a dead draft
         can't stall it forever."""
-        if self.policy == "eager" or len(self.take()) >= min(2, self.room):
+        if self.policy == Policy.EAGER or len(self.take()) >= min(2, self.room):
             return True
         if self.waiting_since is None:
             self.waiting_since = now
@@ -79,7 +80,7 @@ class VerifyRequest(Served):
 
     def dists_of(self, draft: list[int]) -> list[tuple[list[int], list[float]]] | None:
         n = len(self.seq.committed)
-        return [self.dists[n + i] for i in range(len(draft))] if self.sampling.mode == "exact" else None
+        return [self.dists[n + i] for i in range(len(draft))] if self.sampling.mode == Mode.EXACT else None
 
     def score(self, start: int, draft: list[int], accepted: int, tokens: list[int]) -> tuple[int, int]:
         """Guesses accepted and judged by this verdict: the checked ones up to the first rejection, and the
@@ -139,7 +140,7 @@ class VerifyWorker(Worker):
             return  # finished or released: a late proposal is harmless
         problem = proposal_problem(r.sampling.mode, msg.token_ids, msg.q_ids, msg.q_probs, self.lm.vocab_size)
         if problem:
-            self.rejects.add("invalid_proposal", f"proposal refused: {problem}")
+            self.rejects.add(Code.INVALID_PROPOSAL, f"proposal refused: {problem}")
             return
         r.offer(msg.epoch, msg.pos, msg.token_ids, msg.q_ids, msg.q_probs)
         self.work.set()
@@ -149,29 +150,29 @@ class VerifyWorker(Worker):
         now = self.built_at = time.monotonic()
         live = [r for r in self.requests.values() if not r.seq.done and r.ready(now, self.expiry_s)]
         batch = self.take_turns(live)
-        eager = [r for r in batch if r.policy == "eager"]
+        eager = [r for r in batch if r.policy == Policy.EAGER]
         if eager and not self.prefilled:
             self.depth = (best_depth([r.acceptance.rate for r in eager], self.cost, max(r.lookahead for r in eager))
                           if self.switch.speculating else 0)
         checks = []
         for r in batch:
-            draft = r.take(self.depth if r.policy == "eager" else None)
+            draft = r.take(self.depth if r.policy == Policy.EAGER else None)
             checks.append((r, Check(r.session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
                                     r.dists_of(draft))))
         return checks
 
     def patience(self) -> float | None:
         """While an amusd-policy request waits for proposals, the loop looks again a few times a heartbeat."""
-        waiting = any(not r.seq.done and r.policy != "eager" for r in self.requests.values())
+        waiting = any(not r.seq.done and r.policy != Policy.EAGER for r in self.requests.values())
         return self.heartbeat_s / 4 if waiting else None
 
     def compute(self, batch: list[tuple[VerifyRequest, Check]]) -> tuple[list[tuple[list[int], int]], float]:
         start = time.perf_counter()
         self.inject_failure([check.seq for _, check in batch])
-        out = verify(self.lm, [check for _, check in batch])
+        out = verify_checks(self.lm, [check for _, check in batch])
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)
-        if self.cfg.verify_hang_after and self.thread.done >= self.cfg.verify_hang_after:
+        if self.cfg.verify_hang_after and self.thread.passes >= self.cfg.verify_hang_after:
             threading.Event().wait()
         return out, (time.perf_counter() - start) * 1000
 
@@ -191,7 +192,7 @@ class VerifyWorker(Worker):
             self.acceptance.observe(hits, trials)
             r.settle(start, tokens)
             committed += len(tokens)
-            reach = r.lookahead if r.policy != "eager" else min(r.lookahead, self.reach)
+            reach = r.lookahead if r.policy != Policy.EAGER else min(r.lookahead, self.reach)
             r.last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft), accepted=accepted,
                                epoch=r.epoch, lookahead=reach, rows=len(batch), step_ms=step_ms)
             if r.seq.done:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from amusd_mq.cli.launch import ROLES
+from amusd_mq.config import SERVICES
 
 A_IP, B_IP = "10.77.0.1", "10.77.0.2"
 URL = f"tcp://{A_IP}:5550"  # the namespaces are fresh, so the port is always free
@@ -77,7 +77,7 @@ def lines(proc: subprocess.Popen, d) -> list[dict]:
 
 def test_curve_across_hosts(hosts, deploy, curve_keys, reference, tiny_verify):
     d = deploy(roles=(), AMUSD_COORDINATOR_URL=URL)
-    for role in ROLES:
+    for role in SERVICES:
         d.start(role, netns=hosts.a, **curve_keys[role])
     served = lines(hosts.client(hosts.b, 40, curve_keys["client"]), d)
     assert served[-1].get("done"), served[-1]
@@ -93,7 +93,7 @@ def test_curve_across_hosts(hosts, deploy, curve_keys, reference, tiny_verify):
 @pytest.mark.parametrize("remote", ["draft", "verify"])
 def test_link_cut_and_restored_mid_generation(hosts, deploy, reference, tiny_verify, remote):
     d = deploy(roles=(), AMUSD_COORDINATOR_URL=URL, AMUSD_VERIFY_DELAY_MS=30)
-    for role in ROLES:
+    for role in SERVICES:
         d.start(role, netns=hosts.b if role == remote else hosts.a)
     max_new = 120
     client = hosts.client(hosts.a, max_new, {})

@@ -8,7 +8,7 @@ import torch
 
 from amusd_mq import models
 from amusd_mq.bench.baselines import autoregressive, speculative_sync
-from amusd_mq.runtime.lm import Check, Guess, Row, SlotsExhausted, propose, verify
+from amusd_mq.runtime.lm import Check, Guess, Row, SlotsExhausted, propose_guesses, verify_checks
 from amusd_mq.runtime.load import load
 from amusd_mq.runtime.thread import ModelThread
 from amusd_mq.sampling import requested
@@ -60,7 +60,7 @@ def test_verify_greedy_accepts_the_agreeing_prefix_plus_one(runner_lm, reference
             if wrong_at is not None:
                 draft[wrong_at] = (draft[wrong_at] + 1) % runner_lm.vocab_size
             with runner_lm.session() as session:
-                [(tokens, accepted)] = verify(runner_lm, [Check(session, prompt, draft)])
+                [(tokens, accepted)] = verify_checks(runner_lm, [Check(session, prompt, draft)])
                 expect = k if wrong_at is None else wrong_at
                 assert accepted == expect and tokens == ref[:expect + 1]
                 assert session.length == len(prompt) + accepted  # the rejected guesses are rolled back
@@ -82,17 +82,17 @@ def test_a_batched_pass_decides_each_sequence_as_its_own_pass_would(runner_lm, r
     solo = []
     for prompt, draft, sampling in cases:
         with runner_lm.session() as s:
-            solo.append((verify(runner_lm, [Check(s, prompt, draft, 0, sampling)])[0], s.length))
+            solo.append((verify_checks(runner_lm, [Check(s, prompt, draft, 0, sampling)])[0], s.length))
     sessions = [runner_lm.session() for _ in cases]
     try:
-        together = verify(runner_lm, [Check(s, prompt, draft, 0, sampling)
+        together = verify_checks(runner_lm, [Check(s, prompt, draft, 0, sampling)
                                       for s, (prompt, draft, sampling) in zip(sessions, cases)])
         assert [(got, s.length) for got, s in zip(together, sessions)] == solo
-        guesses = propose(runner_lm, [Guess(s, prompt + got[0], len(got[0]), sampling)
+        guesses = propose_guesses(runner_lm, [Guess(s, prompt + got[0], len(got[0]), sampling)
                                       for s, (prompt, _, sampling), got in zip(sessions, cases, together)])
         for (prompt, _, sampling), got, guess in zip(cases, together, guesses):
             with runner_lm.session() as s:
-                assert propose(runner_lm, [Guess(s, prompt + got[0], len(got[0]), sampling)])[0] == guess
+                assert propose_guesses(runner_lm, [Guess(s, prompt + got[0], len(got[0]), sampling)])[0] == guess
     finally:
         for s in sessions:
             s.close()

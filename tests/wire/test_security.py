@@ -8,8 +8,7 @@ import zmq
 import zmq.asyncio
 
 from amusd_mq import AsyncClient, CoordinatorUnavailableError, cli
-from amusd_mq.cli.launch import ROLES
-from amusd_mq.config import pub_url
+from amusd_mq.config import SERVICES, pub_url
 from amusd_mq.wire.security import keygen, load_keys, secure
 from amusd_mq.wire.transport import make_socket
 
@@ -44,7 +43,7 @@ async def test_only_allowed_keys_get_in(deploy, curve_keys, reference, tiny_veri
     good = curve_keys["client"]
     stranger = {**good, SECRET: keygen(tmp_path / "other", ["stranger"])["stranger"][SECRET]}
     d = deploy(roles=(), **good)
-    for role in ROLES:
+    for role in SERVICES:
         d.start(role, **curve_keys[role])
     d.start("verify", name="intruder", **stranger)
     await d.wait_ready(timeout_s=120)
