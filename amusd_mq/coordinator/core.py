@@ -17,23 +17,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from ..config import BY_NAME, DRAFT, VERIFY, Config
-from ..sampling import Sampling, proposal_problem, requested
+from .. import validate
+from ..config import DRAFT, VERIFY, Config
+from ..sampling import Sampling, proposal_problem
 from ..sequence import Sequence
 from ..text import vocab
 from ..text.chat import ChatError
 from ..text.detokenize import TextStream
 from ..wire import protocol as p
-from ..wire.codes import Code, Policy
+from ..wire.codes import Code
 from ..wire.transport import Rejects
 from .admission import Admission, Refused
 from .records import Admitted, Held, Request, WorkerRecord
 
 log = logging.getLogger(__name__)
-LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
-# A prompt longer than the context at this many UTF-8 bytes per token can't fit, and is refused before it is
-# tokenized: tokenizing costs about 2 s per MiB, which a few megabytes from one client would make a stall.
-MAX_PROMPT_BYTES_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -61,14 +58,6 @@ class Out:
 
     def to(self, receiver: bytes | None) -> list[p.Message]:
         return self.messages.get(receiver, [])
-
-
-def requested_sampling(msg: p.Generate) -> Sampling:
-    seed = msg.seed if msg.seed is not None else secrets.randbits(63)
-    try:
-        return requested(msg.sampling_mode, msg.temperature, msg.top_k, msg.top_p, seed)
-    except ValueError as exc:
-        raise RequestError(Code.INVALID_REQUEST, str(exc)) from None
 
 
 class RequestError(Exception):
@@ -277,8 +266,7 @@ class Core:
         """Check a request against the serving model. A text or chat prompt is then tokenized by the shell, on
         another thread, so that neither the event loop nor the receive loop waits for it."""
         try:
-            info, lookahead = self._validate(msg)
-            sampling = requested_sampling(msg)
+            info, lookahead, sampling = self._validate(msg)
         except RequestError as exc:
             self._unreserve((client, msg.req_id))
             self._reject(client, exc.code, str(exc), msg.req_id)
@@ -300,9 +288,9 @@ class Core:
         """Queue an admitted request once its prompt ids are known, or refuse it."""
         msg = admitted.msg
         try:
-            self._validate_ids(ids, msg, admitted.info)
-        except RequestError as exc:
-            self._refuse(admitted, exc)
+            validate.prompt_ids(ids, msg, admitted.info)
+        except validate.Invalid as exc:
+            self._refuse(admitted, RequestError(Code.INVALID_REQUEST, str(exc)))
             return
         stop = set(msg.stop_token_ids) | (set() if msg.ignore_eos else set(admitted.info.eos_token_ids))
         self.requests[admitted.rid] = Request(
@@ -317,48 +305,18 @@ class Core:
         self._unreserve(admitted.key)
         self._reject(admitted.client, exc.code, str(exc), admitted.msg.req_id)
 
-    def _validate(self, msg: p.Generate) -> tuple[p.Register, int]:
-        """What can be checked before the prompt is tokenized. Returns the serving model's registration and the
-        request's lookahead."""
+    def _validate(self, msg: p.Generate) -> tuple[p.Register, int, Sampling]:
+        """What can be checked before the prompt is tokenized: the serving model's registration, the request's
+        lookahead and its sampling."""
         info = self._verifiers()[0].info
-        if sum(x is not None for x in (msg.prompt, msg.prompt_ids, msg.messages)) != 1:
-            raise RequestError(Code.INVALID_REQUEST, "give exactly one of prompt, prompt_ids and messages")
-        if msg.prompt_ids is None:
-            if self.vocab.tokenizer is None:
-                raise RequestError(Code.INVALID_REQUEST, "the verify model has no tokenizer; send prompt_ids")
-            if msg.messages is not None and self.vocab.chat is None:
-                raise RequestError(Code.INVALID_REQUEST, f"the verify model {self.cfg.verify_model} has no chat "
-                                                      f"template; send a prompt")
-            text = msg.prompt or "".join(m.get("content", "") for m in msg.messages)
-            size, limit = len(text.encode()), info.max_context * MAX_PROMPT_BYTES_PER_TOKEN
-            if size > limit:
-                raise RequestError(Code.INVALID_REQUEST, f"a prompt of {size} bytes can't fit the model context of "
-                                                      f"{info.max_context} tokens (at most {limit} bytes); send "
-                                                      f"prompt_ids to go beyond {MAX_PROMPT_BYTES_PER_TOKEN} bytes "
-                                                      f"per token")
-        if msg.stop and self.vocab.tokenizer is None:
-            raise RequestError(Code.INVALID_REQUEST, "stop strings need the verify model's tokenizer")
-        if msg.max_new_tokens < 1:
-            raise RequestError(Code.INVALID_REQUEST, "max_new_tokens must be at least 1")
-        lookahead = self.cfg.lookahead if msg.lookahead is None else msg.lookahead
-        if not LOOKAHEAD.bound.admits(lookahead):
-            raise RequestError(Code.INVALID_REQUEST, f"lookahead must be {LOOKAHEAD.bound}, not {lookahead}")
-        if msg.policy not in tuple(Policy):
-            raise RequestError(Code.INVALID_REQUEST, f"policy must be one of {tuple(Policy)}, not {msg.policy!r}")
-        return info, lookahead
-
-    @staticmethod
-    def _validate_ids(ids: list[int], msg: p.Generate, info: p.Register) -> None:
-        if not ids:
-            raise RequestError(Code.INVALID_REQUEST, "the prompt is empty")
-        if len(ids) + msg.max_new_tokens > info.max_context:
-            raise RequestError(Code.INVALID_REQUEST, f"prompt of {len(ids)} tokens plus max_new_tokens="
-                                                  f"{msg.max_new_tokens} exceeds the model context of "
-                                                  f"{info.max_context}")
-        bad = [t for t in ids + msg.stop_token_ids if t >= info.vocab_size]
-        if bad:
-            raise RequestError(Code.INVALID_REQUEST,
-                               f"token ids {bad[:5]} are outside the vocabulary of {info.vocab_size}")
+        seed = msg.seed if msg.seed is not None else secrets.randbits(63)
+        try:
+            sampling = validate.request(msg, seed)
+            validate.serving(msg, info, self.cfg.verify_model, self.vocab.tokenizer is not None,
+                             self.vocab.chat is not None)
+        except validate.Invalid as exc:
+            raise RequestError(Code.INVALID_REQUEST, str(exc)) from None
+        return info, self.cfg.lookahead if msg.lookahead is None else msg.lookahead, sampling
 
     def on_cancel(self, identity: bytes, msg: p.Cancel) -> None:
         if (identity, msg.req_id) in self.by_client:

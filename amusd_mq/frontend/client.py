@@ -19,8 +19,8 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from ..config import BY_NAME, CLIENT, load
-from ..sampling import requested
+from .. import validate
+from ..config import CLIENT, load
 from ..wire import protocol as p
 from ..wire.codes import Code, Policy
 from ..wire.security import load_keys, secure
@@ -81,7 +81,6 @@ class RequestFailedError(AmusdError):
 ERRORS = {code: error for error in (CoordinatorUnavailableError, NoWorkerError, InvalidRequestError, OverloadedError,
                                     RequestTooLargeError) for code in error.CODES}
 READY_POLL_S = 0.1
-LOOKAHEAD = BY_NAME["lookahead"]  # a request's own lookahead has the setting's bound
 CANCEL_LINGER_MS = 200  # how long close() gives its cancels to leave when the coordinator is slow to take them
 
 
@@ -299,10 +298,10 @@ class AsyncClient:
                    lookahead: int | None = None, deadline_s: float | None = None, policy: str = Policy.EAGER,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                    sampling_mode: str | None = None) -> AsyncIterator[Chunk]:
-        msg = _request(prompt, prompt_ids, messages, max_new_tokens, list(stop_token_ids), list(stop), ignore_eos,
-                       lookahead)
-        msg.policy = policy
-        _sampling(msg, temperature, top_k, top_p, seed, sampling_mode)
+        msg = _request(prompt, prompt_ids, messages, max_new_tokens, stop_token_ids, stop, ignore_eos, lookahead,
+                       policy, temperature, top_k, top_p, seed, sampling_mode)
+        if deadline_s is not None and not (type(deadline_s) in (int, float) and deadline_s > 0):
+            raise InvalidRequestError(f"deadline_s must be a number > 0, not {deadline_s!r}")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[msg.req_id] = queue  # before sending: the answer may come before the send returns
         deadline = time.monotonic() + deadline_s if deadline_s is not None else None
@@ -391,46 +390,21 @@ def _raised(error: p.Error) -> AmusdError:
     return ERRORS[error.code](error.message)
 
 
-def _request(prompt, prompt_ids, messages, max_new_tokens, stop_token_ids, stop, ignore_eos,
-             lookahead) -> p.Generate:
-    """Check what can be checked without the model; the coordinator checks vocabulary and context."""
-    if sum(x is not None for x in (prompt, prompt_ids, messages)) != 1:
-        raise InvalidRequestError("give exactly one of prompt, prompt_ids and messages")
-    if messages is not None and (not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
-            for m in messages)):
-        raise InvalidRequestError("messages must be a non-empty list of maps of strings (role, content)")
-    if not all(isinstance(s, str) and s for s in stop):
-        raise InvalidRequestError("stop must be a list of non-empty strings")
-    if prompt is not None and (not isinstance(prompt, str) or not prompt):
-        raise InvalidRequestError("prompt must be a non-empty string")
-    if prompt_ids is not None:
-        prompt_ids = list(prompt_ids)
-        if not prompt_ids or not all(map(_id, prompt_ids)):
-            raise InvalidRequestError("prompt_ids must be a non-empty list of token ids (non-negative ints)")
-    if not _id(max_new_tokens) or max_new_tokens < 1:
-        raise InvalidRequestError(f"max_new_tokens must be a positive int, not {max_new_tokens!r}")
-    if not all(map(_id, stop_token_ids)):
-        raise InvalidRequestError("stop_token_ids must be token ids (non-negative ints)")
-    if lookahead is not None and (not _id(lookahead) or not LOOKAHEAD.bound.admits(lookahead)):
-        raise InvalidRequestError(f"lookahead must be an int {LOOKAHEAD.bound}, not {lookahead!r}")
-    return p.Generate(req_id=uuid.uuid4().hex, max_new_tokens=max_new_tokens, prompt=prompt, prompt_ids=prompt_ids,
-                      messages=messages, stop_token_ids=stop_token_ids, stop=stop, ignore_eos=bool(ignore_eos),
-                      lookahead=lookahead)
-
-
-def _sampling(msg: p.Generate, temperature, top_k, top_p, seed, mode) -> None:
-    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (temperature, top_p)):
-        raise InvalidRequestError("temperature and top_p must be numbers")
-    if not _id(top_k) or (seed is not None and not _id(seed)):
-        raise InvalidRequestError("top_k and seed must be non-negative ints")
+def _request(prompt, prompt_ids, messages, max_new_tokens, stop_token_ids, stop, ignore_eos, lookahead, policy,
+             temperature, top_k, top_p, seed, mode) -> p.Generate:
+    """The message a request sends, checked as the coordinator will check it (there also against the model)."""
+    msg = p.Generate(req_id=uuid.uuid4().hex, max_new_tokens=max_new_tokens, prompt=prompt,
+                     prompt_ids=None if prompt_ids is None else list(prompt_ids), messages=messages,
+                     stop_token_ids=list(stop_token_ids), stop=list(stop), ignore_eos=bool(ignore_eos),
+                     lookahead=lookahead, policy=policy, temperature=_float(temperature), top_k=top_k,
+                     top_p=_float(top_p), seed=seed, sampling_mode=mode)
     try:
-        sampling = requested(mode, float(temperature), top_k, float(top_p), seed or 0)
-    except ValueError as exc:
+        msg.sampling_mode = validate.request(msg, seed or 0).mode
+    except validate.Invalid as exc:
         raise InvalidRequestError(str(exc)) from None
-    msg.temperature, msg.top_k, msg.top_p, msg.seed = sampling.temperature, top_k, sampling.top_p, seed
-    msg.sampling_mode = sampling.mode
+    return msg
 
 
-def _id(value) -> bool:
-    return type(value) is int and 0 <= value < p.INT_LIMIT
+def _float(value):
+    """A Python int where the wire wants a float; anything else as it is, for the check to name."""
+    return float(value) if type(value) is int else value

@@ -50,21 +50,23 @@ class StreamOptions(BaseModel):
 
 
 class SamplingBody(BaseModel):
-    """What completions and chat share. Unknown fields are ignored, as OpenAI's own server does."""
+    """What completions and chat share. Unknown fields are ignored, as OpenAI's own server does. Only types are
+    checked here: every bound is the request validator's, which the client runs, so a value out of bounds is
+    refused with the same message through the gateway as through the Python client."""
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)  # an extension, as in vLLM: 0 or -1 for no limit
-    seed: int | None = Field(None, ge=0, lt=1 << 63)
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # an extension, as in vLLM: 0 or -1 for no limit
+    seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False  # an extension, as in vLLM
-    deadline_s: float | None = Field(None, gt=0)  # an extension: past it the request fails with a 504
+    deadline_s: float | None = None  # an extension: past it the request fails with a 504
 
     @field_validator("n")
     @classmethod
@@ -83,8 +85,9 @@ class SamplingBody(BaseModel):
     def arguments(self, default_max_tokens: int) -> dict:
         """AsyncClient.stream's arguments, the prompt aside."""
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return {"max_new_tokens": self.max_tokens or default_max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": max(self.top_k, 0), "seed": self.seed, "stop": stop,
+        return {"max_new_tokens": default_max_tokens if self.max_tokens is None else self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "top_k": 0 if self.top_k == -1 else self.top_k,
+                "seed": self.seed, "stop": stop,
                 "ignore_eos": self.ignore_eos, "deadline_s": self.deadline_s}
 
     @property
@@ -127,12 +130,13 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    max_completion_tokens: int | None = None  # the newer name of max_tokens
     logprobs: bool = False
 
     def arguments(self, default_max_tokens: int) -> dict:
         args = super().arguments(default_max_tokens)
-        args["max_new_tokens"] = self.max_completion_tokens or args["max_new_tokens"]
+        if self.max_completion_tokens is not None:
+            args["max_new_tokens"] = self.max_completion_tokens
         return args
 
     def prompts(self) -> list[dict]:

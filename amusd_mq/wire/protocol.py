@@ -8,6 +8,7 @@ own "t" and checked by the same rules. docs/protocol.md describes who sends each
 from __future__ import annotations
 
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -82,6 +83,8 @@ def _checker(tp) -> Callable[[object], bool]:
         return lambda value: type(value) is float and math.isfinite(value)
     if tp is type(None):
         return lambda value: value is None
+    if tp is str:  # a code or mode of our own is a StrEnum: it encodes as its string
+        return lambda value: isinstance(value, str)
     return lambda value: type(value) is tp
 
 
@@ -452,14 +455,26 @@ def _message(body: dict) -> Message:
     known = _FIELDS[cls]
     if len(body) > len(known) or not set(body) <= {f.name for f in known}:
         raise ProtocolError(Code.FIELD, f"{cls.TYPE}: unknown fields {sorted(set(body) - {f.name for f in known})}")
-    for f in known:
-        if f.name not in body:
-            if f.required:
-                raise ProtocolError(Code.FIELD, f"{cls.TYPE}: missing field {f.name!r}")
-        elif not f.check(body[f.name]):
-            raise ProtocolError(Code.FIELD, f"{cls.TYPE}.{f.name}: expected {_name(f.type)}")
-    return cls(**body)
+    missing = [f.name for f in known if f.required and f.name not in body]
+    if missing:
+        raise ProtocolError(Code.FIELD, f"{cls.TYPE}: missing field {missing[0]!r}")
+    msg = cls(**body)
+    wrong = wrong_field(msg)
+    if wrong:
+        raise ProtocolError(Code.FIELD, wrong)
+    return msg
+
+
+def wrong_field(msg: Message) -> str | None:
+    """The first field whose value breaks its type, as decoding would find it, or None: a message built here is
+    checked by the same rules before it travels."""
+    for f in _FIELDS[type(msg)]:
+        if not f.check(getattr(msg, f.name)):
+            return f"{msg.TYPE}.{f.name}: expected {_name(f.type)}, not {getattr(msg, f.name)!r:.40}"
+    return None
 
 
 def _name(tp) -> str:
-    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    """A type as the errors name it; an int is always one in [0, 2**63)."""
+    name = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+    return re.sub(r"\bint\b", "int in [0, 2**63)", name)
