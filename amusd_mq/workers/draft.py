@@ -21,7 +21,7 @@ from ..wire import protocol as p
 from ..wire.codes import Mode
 from ..wire.security import secure
 from ..wire.transport import make_socket, send, send_all
-from .step import Served, Worker
+from .step import Plan, Served, Worker
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,20 @@ class DraftRequest(Served):
             self.cut = diverged if self.cut is None else min(self.cut, diverged)
         self.guess.extend(self.committed[len(self.guess):])
         return True
+
+
+@dataclass(frozen=True)
+class DraftStep:
+    """A request's part of a pass, copied on the event loop: commits change the request during the pass."""
+    request: DraftRequest
+    revision: int  # the request's when taken: a commit that throws guesses away makes this step's guess stale
+    guess: Guess  # the next guess to make
+    valid: int  # how much of its KV cache is still valid: the pass rolls it back to here first
+
+
+@dataclass(frozen=True)
+class DraftPlan(Plan):
+    steps: list[DraftStep]
 
 
 class DraftWorker(Worker):
@@ -137,23 +151,25 @@ class DraftWorker(Worker):
             if len(r.guess) > n:
                 await send(self.dealer, self._proposal(r, n, len(r.guess)))
 
-    def build(self) -> list[tuple[DraftRequest, int, Guess, int]]:
-        """Each request with room ahead: (request, its revision, its next guess to make, the length of its KV
-        cache still valid). Copied here, on the event loop: commits change the requests during the pass."""
+    def build(self) -> DraftPlan | None:
+        """A step for each request with room ahead."""
         live = [r for r in self.requests.values() if not r.idle(self.lm.max_context)]
-        batch = []
-        for r in self.take_turns(live):
+        batch, prefill = self.take_turns(live)
+        if not batch:
+            return None
+        steps = []
+        for r in batch:
             pos = len(r.guess)
             cut, r.cut = r.cut, None
-            batch.append((r, r.revision, Guess(r.session, r.prompt + r.guess, pos, r.sampling),
-                          len(r.prompt) + (pos if cut is None else cut)))
-        return batch
+            steps.append(DraftStep(r, r.revision, Guess(r.session, r.prompt + r.guess, pos, r.sampling),
+                                   len(r.prompt) + (pos if cut is None else cut)))
+        return DraftPlan(steps, prefill)
 
-    def compute(self, batch: list[tuple[DraftRequest, int, Guess, int]]) -> list[tuple[int, list | None, list | None]]:
-        self.inject_failure([guess.seq for _, _, guess, _ in batch])
-        for r, _, _, valid in batch:
-            r.session.rollback(valid)
-        out = propose_guesses(self.lm, [guess for _, _, guess, _ in batch])
+    def compute(self, plan: DraftPlan) -> list[tuple[int, list | None, list | None]]:
+        self.inject_failure([step.guess.seq for step in plan.steps])
+        for step in plan.steps:
+            step.request.session.rollback(step.valid)
+        out = propose_guesses(self.lm, [step.guess for step in plan.steps])
         if self.cfg.draft_delay_ms:
             time.sleep(self.cfg.draft_delay_ms / 1000)
         if self.cfg.draft_wrong:
@@ -161,11 +177,11 @@ class DraftWorker(Worker):
                    for token, ids, probs in out]
         return out
 
-    async def finish(self, batch: list[tuple[DraftRequest, int, Guess, int]], outcome) -> None:
+    async def finish(self, plan: DraftPlan, outcome) -> None:
         proposals = []
-        for (r, revision, guess, _), (token, ids, probs) in zip(batch, outcome):
-            pos = guess.position
-            if r.done or r.revision != revision or len(r.guess) != pos:
+        for step, (token, ids, probs) in zip(plan.steps, outcome):
+            r, pos = step.request, step.guess.position
+            if r.done or r.revision != step.revision or len(r.guess) != pos:
                 continue  # a commit overtook this step
             r.guess.append(token)
             if ids is not None:

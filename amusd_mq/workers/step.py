@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import zmq
 import zmq.asyncio
@@ -58,6 +58,18 @@ class Served:
             self.session.close()
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One pass, as build() makes it on the event loop: what compute() runs on the model thread and finish() then
+    applies, so that nothing of a pass waits on the worker between its phases. Each role's plan adds to it."""
+    steps: list  # one per request, each with its `request`
+    prefill: bool  # new requests' first passes
+
+    def halves(self) -> tuple[Plan, Plan]:
+        half = len(self.steps) // 2
+        return replace(self, steps=self.steps[:half]), replace(self, steps=self.steps[half:])
+
+
 class Worker:
     role = ""
 
@@ -71,7 +83,7 @@ class Worker:
         self.dealer: zmq.asyncio.Socket | None = None
         self.requests: dict = {}
         self.work = asyncio.Event()  # set whenever a request may have something new to do
-        self.prefilled = False  # whether the last pass was a prefill: prefills and steps take turns
+        self.last_prefill = False  # whether the last pass built was a prefill: only take_turns reads it
         self.last_heard = 0.0
         self.registered_seq: int | None = None  # the PUB sequence number at registration; None until registered
         self.forgotten = asyncio.Event()  # the coordinator answered with unknown_worker
@@ -241,34 +253,33 @@ class Worker:
             if not self.healthy:
                 await self._probe()
                 continue
-            batch = self.build()
-            if not batch:
+            plan = self.build()
+            if plan is None:
                 try:
                     await asyncio.wait_for(self.work.wait(), self.patience())
                 except asyncio.TimeoutError:
                     pass
                 continue
-            await self._pass(batch)
+            await self._pass(plan)
 
-    async def _pass(self, batch: list[tuple]) -> None:
+    async def _pass(self, plan: Plan) -> None:
         """One forward pass and its outcome; one that raises, again in halves until the request that breaks it is
         found. Each request's KV cache is rolled back to where it was before a failed pass."""
-        lengths = [state.session.length for state, *_ in batch]
+        lengths = [step.request.session.length for step in plan.steps]
         try:
-            outcome = await self.thread.submit(self.compute, batch)
+            outcome = await self.thread.submit(self.compute, plan)
         except Exception as exc:
-            for (state, *_), length in zip(batch, lengths):
-                state.session.rollback(length)
-            self.rejects.add(Code.PASS_FAILED, f"a {self.role} pass over {len(batch)} requests failed: {exc!r}")
-            if len(batch) == 1:
-                await self._broken(batch[0][0], exc)
+            for step, length in zip(plan.steps, lengths):
+                step.request.session.rollback(length)
+            self.rejects.add(Code.PASS_FAILED, f"a {self.role} pass over {len(plan.steps)} requests failed: {exc!r}")
+            if len(plan.steps) == 1:
+                await self._broken(plan.steps[0].request, exc)
             else:
-                half = len(batch) // 2
-                await self._pass(batch[:half])
-                await self._pass(batch[half:])
+                for half in plan.halves():
+                    await self._pass(half)
             return
         self.failures = 0
-        await self.finish(batch, outcome)
+        await self.finish(plan, outcome)
 
     async def _broken(self, state: Served, exc: Exception) -> None:
         """A request whose pass fails with it alone: dropped and reported, so that it ends instead of being sent
@@ -310,21 +321,21 @@ class Worker:
         if token >= 0 and any(token in seq for seq in sequences):
             raise RuntimeError(f"fault injection: a pass holding token {token} (AMUSD_FAIL_TOKEN)")
 
-    def take_turns(self, live: list) -> list:
-        """The requests of the next pass: new ones' first passes (their prefills, together while the padded
-        batch stays within PREFILL_BUDGET tokens), or every other's next step."""
+    def take_turns(self, live: list) -> tuple[list, bool]:
+        """The requests of the next pass, and whether it is a prefill: new ones' first passes (together while the
+        padded batch stays within PREFILL_BUDGET tokens), or every other's next step; the two take turns."""
         fresh = [r for r in live if r.session.length == 0]
         warm = [r for r in live if r.session.length > 0]
-        self.prefilled = bool(fresh) and (not warm or not self.prefilled)
-        if not self.prefilled:
-            return warm
+        self.last_prefill = prefill = bool(fresh) and (not warm or not self.last_prefill)
+        if not prefill:
+            return warm, False
         fresh.sort(key=lambda r: len(r.prompt))  # similar lengths pad least
         batch = fresh[:1]
         for r in fresh[1:]:
             if (len(batch) + 1) * len(r.prompt) > PREFILL_BUDGET:
                 break
             batch.append(r)
-        return batch
+        return batch, True
 
     # role hooks
 
@@ -343,16 +354,15 @@ class Worker:
     def new_request(self, msg: p.Assign, session: Session):
         raise NotImplementedError
 
-    def build(self) -> list[tuple]:
-        """The next pass's work, taken from the requests on the event loop: one tuple per request, the request
-        first. Empty when none has any."""
+    def build(self) -> Plan | None:
+        """The next pass, taken from the requests on the event loop; None when no request has work."""
         raise NotImplementedError
 
-    def compute(self, batch: list[tuple]):
+    def compute(self, plan: Plan):
         """The pass itself, on the model thread."""
         raise NotImplementedError
 
-    async def finish(self, batch: list[tuple], outcome) -> None:
+    async def finish(self, plan: Plan, outcome) -> None:
         """Back on the event loop: apply the pass's outcome and send what it produced."""
         raise NotImplementedError
 

@@ -22,7 +22,7 @@ from ..wire import protocol as p
 from ..wire.codes import Code, Mode, Policy
 from ..wire.transport import send, send_all
 from .speculation import Acceptance, CostModel, Switch, best_depth
-from .step import Served, Worker
+from .step import Plan, Served, Worker
 
 log = logging.getLogger(__name__)
 CALIBRATION = ((1, 1), (1, 8), (4, 8))  # (rows, tokens per row) of the passes timed before serving
@@ -105,6 +105,19 @@ class VerifyRequest(Served):
                 self.dists.pop(pos, None)
 
 
+@dataclass(frozen=True)
+class VerifyStep:
+    request: VerifyRequest
+    check: Check  # copied when the pass was built: proposals keep arriving during it
+
+
+@dataclass(frozen=True)
+class VerifyPlan(Plan):
+    steps: list[VerifyStep]
+    built_at: float  # when it took its requests: the switch measures a pass from here to its verdicts sent
+    reach: int  # how far the drafts may run ahead, told with the verdicts (eager requests)
+
+
 class VerifyWorker(Worker):
     role = VERIFY
 
@@ -114,8 +127,7 @@ class VerifyWorker(Worker):
         self.acceptance = Acceptance(0.5)  # all requests': where a new request's estimate starts
         self.cost: CostModel | None = None
         self.switch = Switch()
-        self.depth = 0  # guesses per request the latest pass checked
-        self.built_at = 0.0  # when the latest pass took its requests
+        self.depth = 0  # guesses per request the cost line last chose; a prefill keeps the one before it
 
     async def prepare(self) -> None:
         log.info("timing verify passes of %s (rows, tokens per row) to plan batches", list(CALIBRATION))
@@ -145,43 +157,46 @@ class VerifyWorker(Worker):
         r.offer(msg.epoch, msg.pos, msg.token_ids, msg.q_ids, msg.q_probs)
         self.work.set()
 
-    def build(self) -> list[tuple[VerifyRequest, Check]]:
-        """Each request's check, copied here on the event loop: proposals keep arriving during the pass."""
-        now = self.built_at = time.monotonic()
+    def build(self) -> VerifyPlan | None:
+        now = time.monotonic()
         live = [r for r in self.requests.values() if not r.seq.done and r.ready(now, self.expiry_s)]
-        batch = self.take_turns(live)
+        batch, prefill = self.take_turns(live)
+        if not batch:
+            return None
         eager = [r for r in batch if r.policy == Policy.EAGER]
-        if eager and not self.prefilled:
+        if eager and not prefill:
             self.depth = (best_depth([r.acceptance.rate for r in eager], self.cost, max(r.lookahead for r in eager))
                           if self.switch.speculating else 0)
-        checks = []
+        steps = []
         for r in batch:
             draft = r.take(self.depth if r.policy == Policy.EAGER else None)
-            checks.append((r, Check(r.session, r.prompt + r.seq.committed, draft, len(r.seq.committed), r.sampling,
-                                    r.dists_of(draft))))
-        return checks
+            steps.append(VerifyStep(r, Check(r.session, r.prompt + r.seq.committed, draft, len(r.seq.committed),
+                                             r.sampling, r.dists_of(draft))))
+        # One guess even at depth 0, so that acceptance is still measured, unless speculation is switched off.
+        reach = max(self.depth, 1) if self.switch.speculating else 0
+        return VerifyPlan(steps, prefill, now, reach)
 
     def patience(self) -> float | None:
         """While an amusd-policy request waits for proposals, the loop looks again a few times a heartbeat."""
         waiting = any(not r.seq.done and r.policy != Policy.EAGER for r in self.requests.values())
         return self.heartbeat_s / 4 if waiting else None
 
-    def compute(self, batch: list[tuple[VerifyRequest, Check]]) -> tuple[list[tuple[list[int], int]], float]:
+    def compute(self, plan: VerifyPlan) -> tuple[list[tuple[list[int], int]], float]:
         start = time.perf_counter()
-        self.inject_failure([check.seq for _, check in batch])
-        out = verify_checks(self.lm, [check for _, check in batch])
+        self.inject_failure([step.check.seq for step in plan.steps])
+        out = verify_checks(self.lm, [step.check for step in plan.steps])
         if self.cfg.verify_delay_ms:
             time.sleep(self.cfg.verify_delay_ms / 1000)
         if self.cfg.verify_hang_after and self.thread.passes >= self.cfg.verify_hang_after:
             threading.Event().wait()
         return out, (time.perf_counter() - start) * 1000
 
-    async def finish(self, batch: list[tuple[VerifyRequest, Check]], outcome) -> None:
+    async def finish(self, plan: VerifyPlan, outcome) -> None:
         results, step_ms = outcome
         now = time.monotonic()
         committed, verdicts = 0, []
-        for (r, check), (tokens, accepted) in zip(batch, results):
-            draft = check.draft
+        for step, (tokens, accepted) in zip(plan.steps, results):
+            r, draft = step.request, step.check.draft
             if r.done:
                 continue  # released during the pass
             r.waiting_since = None
@@ -192,32 +207,26 @@ class VerifyWorker(Worker):
             self.acceptance.observe(hits, trials)
             r.settle(start, tokens)
             committed += len(tokens)
-            reach = r.lookahead if r.policy != Policy.EAGER else min(r.lookahead, self.reach)
+            reach = r.lookahead if r.policy != Policy.EAGER else min(r.lookahead, plan.reach)
             r.last = p.Verdict(req_id=r.rid, start=start, token_ids=tokens, proposed=len(draft), accepted=accepted,
-                               epoch=r.epoch, lookahead=reach, rows=len(batch), step_ms=step_ms)
+                               epoch=r.epoch, lookahead=reach, rows=len(plan.steps), step_ms=step_ms)
             if r.seq.done:
                 r.finished_at = now
             verdicts.append(r.last)
         await send_all(self.dealer, verdicts, self.cfg.max_message_bytes)
-        if not self.prefilled:
-            self._measure(batch, step_ms, committed)
+        if not plan.prefill:
+            self._measure(plan, step_ms, committed)
 
-    def _measure(self, batch: list[tuple[VerifyRequest, Check]], step_ms: float, committed: int) -> None:
+    def _measure(self, plan: VerifyPlan, step_ms: float, committed: int) -> None:
         """A step (not a prefill) teaches the cost line its forward pass's time, and the switch the tokens it
         committed in its time from taking its requests to having sent its verdicts."""
-        self.cost.observe(len(batch) * (max(len(check.draft) for _, check in batch) + 1), step_ms)
+        self.cost.observe(len(plan.steps) * (max(len(step.check.draft) for step in plan.steps) + 1), step_ms)
         was = self.switch.speculating
-        self.switch.observe(committed, time.monotonic() - self.built_at)
+        self.switch.observe(committed, time.monotonic() - plan.built_at)
         if self.switch.speculating != was:
             log.info("speculation %s%s (tokens/s measured: %s)", "on" if self.switch.speculating else "off",
                      " to measure it again" if self.switch.trying else "",
                      ", ".join(f"{'on' if k else 'off'} {v[0]:.0f}" for k, v in self.switch.rates.items()))
-
-    @property
-    def reach(self) -> int:
-        """How far the drafts run ahead: the depth, and one guess even at depth 0 so that acceptance is still
-        measured, unless speculation is switched off."""
-        return max(self.depth, 1) if self.switch.speculating else 0
 
     async def _repeat_final_verdicts(self) -> None:
         """Nothing follows a request's last verdict, so its loss would go unnoticed: it is sent again every
