@@ -1,8 +1,17 @@
-"""Model names to local directories: tiny random models, the real Qwen pair from PyPI parts, or HF ids."""
+"""Model names to local directories: tiny random models, the real Qwen pair from PyPI parts, or HF ids; and model
+names that a plugin serves.
+
+A plugin is a module registered under the entry-point group `amusd_mq.models` with the scheme it serves as its name
+(pyproject.toml registers the benchmark's `trace`): a model named `SCHEME:...` is then served by the plugin's
+`model(cfg, role)`, an LM, and its vocabulary is the plugin's `vocabulary(name)`. The serving code never imports a
+plugin itself, so the benchmark's replays stay out of it.
+"""
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
+import importlib
 import logging
 import os
 import shutil
@@ -11,7 +20,9 @@ import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
 from .config import BY_NAME
 
@@ -41,6 +52,21 @@ TINY_MODELS = {"tiny-draft", "tiny-verify"}
 # ChatML, as Qwen's templates write it, so that chat requests can be tested on the tiny models.
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
                       "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+PLUGINS = "amusd_mq.models"
+
+
+def plugin(name: str) -> ModuleType | None:
+    """The plugin that serves a model named `SCHEME:...`, or None for every other name."""
+    scheme, colon, _ = name.partition(":")
+    module = _plugins().get(scheme) if colon else None
+    return None if module is None else importlib.import_module(module)
+
+
+@functools.cache
+def _plugins() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=PLUGINS)}
 
 
 def default_cache_dir() -> str:

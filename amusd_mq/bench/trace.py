@@ -5,9 +5,13 @@ d_i for each position i (its greedy choice given prompt + y[:i]). With chain dra
 wrong guess matters, so these fix the outcome of every greedy schedule. A
 TraceLM is a drop-in model whose choices come from the trace and whose time comes from a latency profile
 (sleeps of t_d and t_v(n)) or from a real forward pass of a random-weight model of a given shape.
+
+This module is also the plugin (amusd_mq.models) that serves models named `trace:FILE` to the services a
+benchmark starts: `model` and `vocabulary` below.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,9 +23,10 @@ from ..config import TRACE_COMPUTE
 from ..runtime.hf import HFLM
 from ..runtime.lm import DTYPES, LM, Feed, ModelInfo, Session
 from ..runtime.native import NativeLM, NativeModel
-from ..text.vocab import TRACE_PREFIX, trace_hash
+from ..text.vocab import Vocabulary
 from .baselines import autoregressive
 
+PREFIX = "trace:"  # a model name replaying a recorded trace: prompt ids only, no tokenizer
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 128, 512),
     "llama-3.2-1b": (2048, 16, 32, 8, 8192, 128256),
@@ -146,6 +151,24 @@ def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_
     return HFLM(model, info, slots)
 
 
+def trace_hash(verify_model: str, vocab_size: int) -> str:
+    """A trace replays the ids of the model it was recorded from; its name and size stand for its mapping."""
+    return hashlib.sha256(f"{verify_model}/{vocab_size}".encode()).hexdigest()
+
+
+def vocabulary(name: str) -> Vocabulary:
+    """The plugin's vocabulary of `trace:FILE`: ids only, named by the model the trace was recorded from."""
+    head = json.loads(Path(name[len(PREFIX):]).read_text())
+    return Vocabulary(trace_hash(head["verify_model"], head["vocab_size"]), None)
+
+
+def model(cfg, role: str) -> "TraceLM":
+    """The plugin's model of `trace:FILE` for a worker of `role`, as the settings describe its compute."""
+    name, device = cfg.model_of(role)
+    return TraceLM(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.max_batch, cfg.max_context,
+                   cfg.kernels)
+
+
 class TraceLM(LM):
     """A model whose greedy choices come from a trace and whose time comes from a latency profile ("latency:
     PROFILE.json": sleeps) or from a real forward pass of a random-weight model of a given shape ("shape:DRAFT,
@@ -153,7 +176,7 @@ class TraceLM(LM):
 
     def __init__(self, spec: str, role: str, compute: str, runner: str, device: str = "cpu", dtype: str = "bfloat16",
                  slots: int = 4, max_context: int = 4096, kernels: str = "auto"):
-        self.trace = Trace.load(spec[len(TRACE_PREFIX):])
+        self.trace = Trace.load(spec[len(PREFIX):])
         self.role = role
         kind, _, arg = compute.partition(":")
         self.profile = self.compute = None
@@ -170,12 +193,6 @@ class TraceLM(LM):
                                    max_context=max_context if self.compute else 1 << 20,
                                    eos_token_ids=self.trace.eos_token_ids,
                                    vocab_hash=trace_hash(self.trace.verify_model, self.trace.vocab_size)), slots)
-
-    @classmethod
-    def for_role(cls, cfg, role: str) -> "TraceLM":
-        name, device = cfg.model_of(role)
-        return cls(name, role, cfg.trace_compute, cfg.runner, device, cfg.dtype, cfg.max_batch, cfg.max_context,
-                   cfg.kernels)
 
     def session(self) -> "TraceSession":
         return TraceSession(self)

@@ -146,8 +146,7 @@ def bench_main(cfg: c.Config, args) -> int:
     from pathlib import Path
 
     from ..bench.run import Bench, format_table
-    from ..bench.trace import Trace
-    from ..text.vocab import TRACE_PREFIX
+    from ..bench.trace import PREFIX, Trace
 
     sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
     trace = prompts = None
@@ -158,7 +157,7 @@ def bench_main(cfg: c.Config, args) -> int:
             raise ValueError("--backend trace needs --trace FILE")
         trace = Trace.load(args.trace)
         trace.prompts = trace.prompts[:args.prompts]
-        spec = TRACE_PREFIX + str(Path(args.trace).resolve())
+        spec = PREFIX + str(Path(args.trace).resolve())
         cfg = replace(cfg, draft_model=spec, verify_model=spec)
     else:
         prompts = _tokenized(cfg, args)

@@ -8,7 +8,7 @@ import torch
 
 from .. import models
 from ..config import RUNNERS, Config, ConfigurationError
-from ..text.vocab import TRACE_PREFIX, Vocabulary, load_tokenizer
+from ..text.vocab import Vocabulary, load_tokenizer
 from .hf import HFLM
 from .lm import DTYPES, LM, ModelInfo
 from .native import NativeLM, NativeModel, UnsupportedModel
@@ -24,14 +24,9 @@ def for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
 
 
 def warm_for_role(cfg: Config, role: str, runner_chosen: bool = False) -> LM:
-    """The model a worker of `role` serves, warmed up. A `trace:` model is a benchmark's replay of one: only
-    benchmark deployments name one, so only they load the benchmark code."""
-    if cfg.model_of(role)[0].startswith(TRACE_PREFIX):
-        from ..bench.trace import TraceLM  # bench.trace builds on this package: imported where a trace is served
-
-        lm = TraceLM.for_role(cfg, role)
-    else:
-        lm = for_role(cfg, role, runner_chosen)
+    """The model a worker of `role` serves, warmed up: a model directory's, or the plugin's that serves its name."""
+    served_by = models.plugin(cfg.model_of(role)[0])
+    lm = for_role(cfg, role, runner_chosen) if served_by is None else served_by.model(cfg, role)
     log.info("%s: %s runner", lm.name, lm.runner)
     lm.warm_up()
     return lm

@@ -21,13 +21,11 @@ from transformers import AutoTokenizer
 from .. import models
 from .chat import ChatTemplate
 
-TRACE_PREFIX = "trace:"  # a model name replaying a recorded trace (benchmarks): prompt ids only, no tokenizer
-
 
 @dataclass(frozen=True)
 class Vocabulary:
     hash: str
-    tokenizer: Tokenizer | None  # what encodes prompts and decodes output; None for a trace replay (ids only)
+    tokenizer: Tokenizer | None  # what encodes prompts and decodes output; None for a plugin's ids-only model
     chat: ChatTemplate | None = None  # None when the model has no chat template
 
     @classmethod
@@ -55,14 +53,10 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def trace_hash(verify_model: str, vocab_size: int) -> str:
-    """A trace replays the ids of the model it was recorded from; its name and size stand for its mapping."""
-    return hashlib.sha256(f"{verify_model}/{vocab_size}".encode()).hexdigest()
-
-
 def load(model: str, cache_dir: str | None) -> Vocabulary:
-    """The vocabulary of a model name as the workers resolve it (building a local model on first use)."""
-    if model.startswith(TRACE_PREFIX):
-        head = json.loads(Path(model[len(TRACE_PREFIX):]).read_text())
-        return Vocabulary(trace_hash(head["verify_model"], head["vocab_size"]), None)
+    """The vocabulary of a model name as the workers resolve it (building a local model on first use), or as the
+    plugin serving it says."""
+    served_by = models.plugin(model)
+    if served_by is not None:
+        return served_by.vocabulary(model)
     return Vocabulary.of(load_tokenizer(models.resolve(model, cache_dir)))

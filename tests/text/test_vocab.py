@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from amusd_mq import AsyncClient
+from amusd_mq import AsyncClient, models
+from amusd_mq.bench import trace as bench_trace
+from amusd_mq.bench.trace import trace_hash
 from amusd_mq.runtime.load import load
 from amusd_mq.text import vocab
 
@@ -29,10 +31,13 @@ def test_one_added_token_is_another_vocabulary(tiny_cache, odd_draft):
 
 
 def test_a_trace_stands_for_the_model_it_was_recorded_from(tmp_path):
+    """Served by the benchmark's plugin, found through its entry point: the serving code never names it."""
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"verify_model": "m", "vocab_size": 7, "prompts": []}))
-    served = vocab.load(vocab.TRACE_PREFIX + str(trace), None)
-    assert served.tokenizer is None and served.hash == vocab.trace_hash("m", 7) != vocab.trace_hash("m", 8)
+    served = vocab.load(f"trace:{trace}", None)
+    assert served.tokenizer is None and served.hash == trace_hash("m", 7) != trace_hash("m", 8)
+    assert models.plugin(f"trace:{trace}") is bench_trace and models.plugin("org/model") is None
+    assert models.plugin("nothing-registered:x") is None
 
 
 def test_a_directory_without_a_tokenizer_is_a_clear_error(tmp_path):
