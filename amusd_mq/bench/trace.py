@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..config import TRACE_COMPUTE
 from ..runtime.hf import HFLM
@@ -131,8 +132,6 @@ class LatencyProfile:
 def shaped_lm(shape: str, runner: str, device: str, dtype: str, slots: int, max_context: int,
               kernels: str = "auto", quant: str = "none") -> LM:
     """A random-weight Llama of one of SHAPES, computed by `runner`: the cost of a real model of that size."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, intermediate_size=inter, vocab_size=vocab,

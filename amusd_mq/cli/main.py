@@ -1,4 +1,9 @@
-"""`amusd-mq`: run a service, generate from a running deployment, or run the self-contained demo."""
+"""`amusd-mq`: run a service, generate from a running deployment, or run the self-contained demo.
+
+torch, transformers and the HTTP stack are imported inside the commands that use them, each where it is needed:
+every command checks its settings first, so a service given a bad one exits in a fraction of a second instead of
+after seconds of imports, and a client command never loads them. Benchmark code too, so that no service's process
+holds any."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +14,23 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import replace
+from pathlib import Path
+
+import uvloop
+import zmq.asyncio
+from tqdm import tqdm
 
 from .. import config as c
+from .. import models
+from ..frontend.client import AmusdError, AsyncClient
 from ..sampling import MODES, requested
+from ..tasks import first_to_end
 from ..wire.codes import Mode
+from ..wire.faults import Faults
+from ..wire.security import keygen, load_keys
 from ..wire.transport import http_listener
+from .launch import Deployment, ServiceExited, service_env
 
 DEMO_PROMPT = 'def quicksort(arr):\n    """Sort a list of numbers with quicksort and return a new list."""\n'
 
@@ -108,14 +125,10 @@ def _sampling_flags(parser: argparse.ArgumentParser, seed: int | None) -> None:
 
 def _check_keys(cfg: c.Config, role: str) -> None:
     """Refuse half a CURVE configuration, or an unreadable key, before anything loads."""
-    from ..wire.security import load_keys
-
     load_keys(role, cfg.curve_secret_key, cfg.curve_allow_dir if role == c.COORDINATOR else cfg.curve_server_key)
 
 
 def keygen_main(directory: str, names: list[str], parser: argparse.ArgumentParser) -> int:
-    from ..wire.security import keygen
-
     try:
         settings = keygen(directory, names)
     except ValueError as exc:
@@ -133,20 +146,16 @@ def _dataset_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _tokenized(cfg: c.Config, args) -> list[tuple[str, list[int]]]:
-    from .. import models
-    from ..bench import datasets
-    from ..text.vocab import load_tokenizer
+    from ..bench import datasets  # benchmark code stays out of the services' processes
+    from ..text.vocab import load_tokenizer  # transformers
 
     tokenizer = load_tokenizer(models.resolve(cfg.verify_model, cfg.cache_dir))
     return [(pid, tokenizer(text)["input_ids"]) for pid, text in datasets.load(args.dataset, args.prompts)]
 
 
 def bench_main(cfg: c.Config, args) -> int:
-    from dataclasses import replace
-    from pathlib import Path
-
-    from ..bench.run import Bench, format_table
-    from ..bench.trace import PREFIX, Trace
+    from ..bench.run import Bench, format_table  # torch, transformers
+    from ..bench.trace import PREFIX, Trace  # torch
 
     sampling = requested(args.sampling_mode, args.temperature, args.top_k, args.top_p, args.seed)
     trace = prompts = None
@@ -163,7 +172,7 @@ def bench_main(cfg: c.Config, args) -> int:
         prompts = _tokenized(cfg, args)
     out = Path(args.out or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     if args.concurrency:
-        from ..bench.load import format_load_table, run_load
+        from ..bench.load import format_load_table, run_load  # torch, transformers
 
         ids = [ids for _, ids in prompts] if prompts else [p.prompt_ids for p in trace.prompts]
         summary = run_load(cfg, ids, args.max_new_tokens, [int(n) for n in args.concurrency.split(",")],
@@ -182,10 +191,8 @@ def bench_main(cfg: c.Config, args) -> int:
 
 
 def record_main(cfg: c.Config, args) -> int:
-    from tqdm import tqdm
-
-    from ..bench.trace import record
-    from ..runtime.load import for_role
+    from ..bench.trace import record  # torch
+    from ..runtime.load import for_role  # torch, transformers
 
     prompts = _tokenized(cfg, args)
     draft, verify = for_role(cfg, c.DRAFT), for_role(cfg, c.VERIFY)
@@ -197,8 +204,6 @@ def record_main(cfg: c.Config, args) -> int:
 
 
 def _run(coro) -> int:
-    import uvloop
-
     return uvloop.run(coro)
 
 
@@ -210,20 +215,17 @@ def run_service(role: str, cfg: c.Config, runner_chosen: bool) -> int:
 
 
 async def _service(role: str, cfg: c.Config, runner_chosen: bool) -> int:
-    if cfg.fault_drop or cfg.fault_dup or cfg.fault_delay:
-        from ..wire import transport
-
-        transport.faults = transport.Faults(cfg.fault_drop, cfg.fault_dup, cfg.fault_delay, cfg.fault_delay_ms,
-                                            cfg.fault_seed)
-        logging.getLogger("amusd_mq").warning("injecting message faults: %s", transport.faults)
-        try:
-            return await _serve_role(role, cfg, runner_chosen)
-        finally:
-            logging.getLogger("amusd_mq").warning("message faults injected: %s", dict(transport.faults.counts))
-    return await _serve_role(role, cfg, runner_chosen)
+    faults = Faults.of(cfg)
+    if faults is None:
+        return await _serve_role(role, cfg, runner_chosen, zmq.asyncio.Context.instance())
+    logging.getLogger("amusd_mq").warning("injecting message faults: %s", faults)
+    try:
+        return await _serve_role(role, cfg, runner_chosen, faults.context())
+    finally:
+        logging.getLogger("amusd_mq").warning("message faults injected: %s", dict(faults.counts))
 
 
-async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
+async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool, ctx: zmq.asyncio.Context) -> int:
     """A service's exit code: 0 when stopped by a signal, 2 when it can't serve as configured, 1 when a core
     task failed (logged with its traceback), so that a supervisor restarts it."""
     loop = asyncio.get_running_loop()
@@ -233,11 +235,11 @@ async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
     log = logging.getLogger("amusd_mq")
     try:
         if role == c.COORDINATOR:
-            from ..coordinator.shell import Coordinator
+            from ..coordinator.shell import Coordinator  # transformers, for the tokenizer
 
-            await Coordinator(cfg).run(stop)
+            await Coordinator(cfg, ctx).run(stop)
         else:
-            await _work(role, cfg, runner_chosen, stop)
+            await _work(role, cfg, runner_chosen, stop, ctx)
     except c.ConfigurationError as exc:
         log.error("%s", exc)
         return 2
@@ -247,12 +249,11 @@ async def _serve_role(role: str, cfg: c.Config, runner_chosen: bool) -> int:
     return 0
 
 
-async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Event) -> None:
-    from ..runtime.load import warm_for_role
-    from ..runtime.thread import ModelThread
-    from ..tasks import first_to_end
-    from ..workers.draft import DraftWorker
-    from ..workers.verify import VerifyWorker
+async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Event, ctx: zmq.asyncio.Context) -> None:
+    from ..runtime.load import warm_for_role  # torch, transformers
+    from ..runtime.thread import ModelThread  # torch
+    from ..workers.draft import DraftWorker  # torch
+    from ..workers.verify import VerifyWorker  # torch
 
     threads = cfg.threads_of(role)
     logging.getLogger("amusd_mq").info("%s worker: %d torch thread%s (%s)", role, threads, "s" * (threads > 1),
@@ -263,12 +264,10 @@ async def _work(role: str, cfg: c.Config, runner_chosen: bool, stop: asyncio.Eve
     loading = await first_to_end(stop, [thread.submit(warm_for_role, cfg, role, runner_chosen)])
     if loading is None:
         return
-    await (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, loading.result(), thread).run(stop)
+    await (DraftWorker if role == c.DRAFT else VerifyWorker)(cfg, loading.result(), thread, ctx).run(stop)
 
 
 async def _generate(cfg: c.Config, prompt: str, **request) -> int:
-    from ..frontend.client import AmusdError
-
     try:
         await stream_and_print(cfg, prompt, **request)
     except AmusdError as exc:
@@ -278,8 +277,6 @@ async def _generate(cfg: c.Config, prompt: str, **request) -> int:
 
 
 async def stream_and_print(cfg: c.Config, prompt: str, **kwargs):
-    from ..frontend.client import AsyncClient
-
     async with AsyncClient(cfg.coordinator_url, timeout_s=cfg.timeout_s, curve_secret_key=cfg.curve_secret_key,
                            curve_server_key=cfg.curve_server_key) as client:
         stream = client.stream(prompt, **kwargs)
@@ -298,9 +295,6 @@ def print_stats(finish_reason: str, stats: dict) -> None:
 
 def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     """Bring up coordinator, verify and draft as child processes, generate, compare, tear down."""
-    from .. import models
-    from .launch import Deployment, ServiceExited, service_env
-
     print(f"draft  model: {cfg.draft_model} on {cfg.draft_device}")
     print(f"verify model: {cfg.verify_model} on {cfg.verify_device}")
     for name in (cfg.draft_model, cfg.verify_model):
@@ -324,8 +318,8 @@ def demo_main(cfg: c.Config, prompt: str, max_new_tokens: int) -> int:
     print(f"\n--- the verify model alone ({ar_threads} threads) ---", flush=True)
     import torch
 
-    from ..bench.baselines import autoregressive, explain_difference
-    from ..runtime.load import warm_for_role
+    from ..bench.baselines import autoregressive, explain_difference  # torch
+    from ..runtime.load import warm_for_role  # torch, transformers
 
     torch.set_num_threads(ar_threads)
     lm = warm_for_role(cfg, c.VERIFY)

@@ -297,7 +297,8 @@ class Core:
             rid=admitted.rid, client=admitted.client, client_req_id=msg.req_id, lookahead=admitted.lookahead,
             policy=msg.policy, sampling=admitted.sampling, text=TextStream(self.vocab.tokenizer, msg.stop),
             reach=admitted.lookahead,
-            seq=Sequence(prompt_ids=ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop)))
+            seq=Sequence(prompt_ids=ids, max_new_tokens=msg.max_new_tokens, stop_token_ids=frozenset(stop),
+                         created=self.now))
         self.admission.enqueue(admitted.client, admitted.rid)
         self._schedule()
 
@@ -352,7 +353,7 @@ class Core:
             self._unreserve(key)
             return None
         req = self.requests[rid]
-        req.seq.cancel(reason)
+        req.seq.cancel(reason, self.now)
         return req
 
     # workers
@@ -443,7 +444,7 @@ class Core:
         if problem:
             self._reject(identity, Code.INVALID_PROPOSAL, f"proposal refused: {problem}", msg.req_id)
             return
-        start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids)
+        start, fresh, rollback = req.seq.propose(msg.epoch, msg.pos, msg.token_ids, self.now)
         if fresh and req.verifier is not None:
             at = slice(start - msg.pos, start - msg.pos + len(fresh))
             self._send(p.Propose(req_id=req.rid, epoch=req.seq.epoch, pos=start, token_ids=fresh,
@@ -458,7 +459,8 @@ class Core:
         if any(t >= self.workers[identity].info.vocab_size for t in msg.token_ids) or msg.accepted > msg.proposed:
             self._reject(identity, Code.INVALID_VERDICT, "verdict with out-of-range values", msg.req_id)
             return
-        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, msg.step_ms / 1000, msg.rows)
+        applied = req.seq.verdict(msg.start, msg.token_ids, msg.proposed, msg.accepted, self.now, msg.step_ms / 1000,
+                                  msg.rows)
         if applied is None:
             if msg.start > len(req.seq.committed) and msg.epoch >= req.resent_epoch:
                 self._resend(req, f"a verdict before position {msg.start} was lost")
@@ -472,7 +474,7 @@ class Core:
         text, keep = req.text.push(tokens)
         if keep is not None:
             tokens = tokens[:keep]
-            req.seq.stop_at(msg.start + keep)
+            req.seq.stop_at(msg.start + keep, self.now)
         elif req.seq.done:
             text += req.text.flush()
         self._commit(req, msg.start, tokens)
@@ -544,7 +546,7 @@ class Core:
     def _finish(self, req: Request) -> None:
         """Called on the verdict that ends the request, so its verifier is the one that computed it."""
         verifier = self.workers[req.verifier].info
-        stats = {**req.seq.summary(), "seed": req.sampling.seed, "runner": verifier.runner, "kernels": verifier.kernels}
+        stats = {**req.seq.summary(self.now), "seed": req.sampling.seed, "runner": verifier.runner, "kernels": verifier.kernels}
         self._send(p.Done(req_id=req.client_req_id, finish_reason=req.seq.finish_reason,
                           prompt_ids=req.seq.prompt_ids, stats=stats), req.client)
         self.served += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from .. import models
 from ..config import RUNNERS, Config, ConfigurationError
@@ -38,8 +39,6 @@ def load(name: str, device: str = "cpu", dtype: str = "float32", cache_dir: str 
     """The model `name` (an alias, a directory or a hub id) on `device`, computed by `runner`, its linear layers'
     weights quantized as `quant` says. A model the native runner doesn't know is an error when `native` was chosen
     (runner_chosen) or quantization asked for, else it falls back to transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
     if runner not in RUNNERS:

@@ -21,8 +21,10 @@ class Mode(StrEnum):
 
 
 class Policy(StrEnum):
-    """When the verifier checks a request's proposals: as soon as any wait (eager), or once two do, as the original
-    AMUSD's verifier did (amusd, for benchmarks)."""
+    """When the verifier checks a request's proposals: as soon as any wait, as deep as its cost line says (eager,
+    the default), or once two do, all of them up to the request's cap, as the original AMUSD's verifier did (amusd).
+    Both are supported policies on the wire, so that a benchmark compares the two schedules through the very same
+    services; amusd waits at most the liveness window, so a dead draft can't stall it."""
     EAGER = "eager"
     AMUSD = "amusd"
 

@@ -128,7 +128,7 @@ class Generate(Message):
     stop: list[str] = field(default_factory=list)  # stop strings: the text ends before the first one to appear
     ignore_eos: bool = False
     lookahead: int | None = None
-    policy: str = Policy.EAGER  # or "amusd": the original's verifier, waiting for 2 proposals; for benchmarks
+    policy: str = Policy.EAGER  # or amusd: the original's verifier, waiting for 2 proposals (codes.Policy)
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

@@ -1,13 +1,10 @@
 """The one place sockets are made, framed and read. Everything received is validated here."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import zmq
@@ -73,47 +70,6 @@ class Rejects:
             log.warning("rejected %s message (%d so far): %s", kind, self.counts[kind], detail)
 
 
-@dataclass
-class Faults:
-    """Fault injection on every send between services: drop, duplicate, or hold back (so later messages
-    overtake). The protocol must absorb all of it; tests/faults/test_messages.py checks that it does."""
-    drop: float
-    dup: float
-    delay: float
-    delay_ms: float
-    seed: int
-    counts: Counter = field(default_factory=Counter)
-
-    # The links the protocol protects with epochs and sequence numbers; clients and registration are not faulted.
-    TYPES = frozenset({"propose", "verdict", "commit", "beat", "assign", "release", "snapshot", "snapshot_request",
-                       "heartbeat"})
-
-    def __post_init__(self):
-        self._rng = random.Random(self.seed)
-
-    async def send(self, sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
-        roll = self._rng.random()
-        if roll < self.drop:
-            self.counts["dropped"] += 1
-            return
-        if roll < self.drop + self.delay:
-            self.counts["delayed"] += 1
-            asyncio.get_running_loop().call_later(self._rng.uniform(0, self.delay_ms) / 1000, self._late, sock, frames)
-            return
-        if roll < self.drop + self.delay + self.dup:
-            self.counts["duplicated"] += 1
-            await sock.send_multipart(frames)
-        await sock.send_multipart(frames)
-
-    @staticmethod
-    def _late(sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
-        if not sock.closed:
-            sock.send_multipart(frames, flags=zmq.NOBLOCK)
-
-
-faults: Faults | None = None  # set once at service start-up, from the AMUSD_FAULT_* settings
-
-
 async def send(sock: zmq.asyncio.Socket, msg: Message, identity: bytes | None = None, limit: int | None = None) -> None:
     """Send one message; with a limit, a frame larger than the receiver accepts is refused here (ProtocolError
     `oversized`) instead of being sent to be refused there."""
@@ -132,11 +88,7 @@ async def send_all(sock: zmq.asyncio.Socket, msgs: list[Message], limit: int, id
 
 
 async def _send_frame(sock: zmq.asyncio.Socket, frame: bytes, inner: list[Message], identity: bytes | None) -> None:
-    frames = [identity, frame] if identity is not None else [frame]
-    if faults is not None and all(m.TYPE in Faults.TYPES for m in inner):
-        await faults.send(sock, frames)
-    else:
-        await sock.send_multipart(frames)
+    await sock.send_multipart([identity, frame] if identity is not None else [frame])
 
 
 async def recv(sock: zmq.asyncio.Socket, max_bytes: int, routed: bool) -> tuple[bytes | None, list[Message]]:

@@ -138,7 +138,8 @@ class VerifyWorker(Worker):
 
     def new_request(self, msg: p.Assign, session: Session) -> VerifyRequest:
         seq = Sequence(prompt_ids=msg.prompt_ids, max_new_tokens=msg.max_new_tokens,
-                       stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed))
+                       stop_token_ids=frozenset(msg.stop_token_ids), committed=list(msg.committed),
+                       created=time.monotonic())
         return VerifyRequest(rid=msg.req_id, prompt=msg.prompt_ids, seq=seq, lookahead=msg.lookahead, session=session,
                              policy=msg.policy, epoch=msg.epoch, assigned=msg.epoch, sampling=sampling_of(msg),
                              acceptance=Acceptance(self.acceptance.rate))
@@ -201,7 +202,7 @@ class VerifyWorker(Worker):
                 continue  # released during the pass
             r.waiting_since = None
             start = len(r.seq.committed)
-            tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted)
+            tokens, _ = r.seq.verdict(start, tokens, len(draft), accepted, now)
             hits, trials = r.score(start, draft, accepted, tokens)
             r.acceptance.observe(hits, trials)
             self.acceptance.observe(hits, trials)

@@ -63,7 +63,7 @@ def test_acceptance_starts_at_the_prior_and_forgets_old_text():
 
 def test_a_verdict_scores_checked_guesses_and_the_one_standing_where_the_verifier_chose():
     r = VerifyRequest(rid="r", prompt=[1], lookahead=8,
-                      seq=Sequence(prompt_ids=[1], max_new_tokens=20, stop_token_ids=frozenset()))
+                      seq=Sequence(prompt_ids=[1], max_new_tokens=20, stop_token_ids=frozenset(), created=0.0))
     r.offer(0, 0, [5, 6, 7])
     assert r.score(0, [5, 6], 1, [5, 9]) == (1, 2)  # 5 accepted, 6 rejected
     assert r.score(0, [5, 6], 2, [5, 6, 7]) == (3, 3)  # both accepted, and the unchecked 7 was right too

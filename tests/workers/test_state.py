@@ -50,7 +50,7 @@ def test_draft_idles_at_the_lookahead_cap_and_after_a_stop_token():
 
 
 def verify(max_new=10, lookahead=4):
-    seq = Sequence(prompt_ids=[1], max_new_tokens=max_new, stop_token_ids=frozenset())
+    seq = Sequence(prompt_ids=[1], max_new_tokens=max_new, stop_token_ids=frozenset(), created=0.0)
     return VerifyRequest(rid="r", prompt=[1], seq=seq, lookahead=lookahead)
 
 
