@@ -1,7 +1,7 @@
 """Messages between services dropped, duplicated, delayed and reordered: the output is unchanged.
 
-Every service sends through transport.Faults here (AMUSD_FAULT_*). Epochs, positions and the PUB stream's
-sequence numbers detect each loss; a snapshot, a rollback point or a resent request repairs it.
+Every service sends through the faulty sockets of wire.faults here (AMUSD_FAULT_*). Epochs, positions and the PUB
+stream's sequence numbers detect each loss; a snapshot, a rollback point or a resent request repairs it.
 """
 import ast
 import re
