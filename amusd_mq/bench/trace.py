@@ -157,8 +157,8 @@ def trace_hash(verify_model: str, vocab_size: int) -> str:
 
 def vocabulary(name: str) -> Vocabulary:
     """The plugin's vocabulary of `trace:FILE`: ids only, named by the model the trace was recorded from."""
-    head = json.loads(Path(name[len(PREFIX):]).read_text())
-    return Vocabulary(trace_hash(head["verify_model"], head["vocab_size"]), None)
+    trace = Trace.load(name[len(PREFIX):])
+    return Vocabulary(trace_hash(trace.verify_model, trace.vocab_size), None)
 
 
 def model(cfg, role: str) -> "TraceLM":

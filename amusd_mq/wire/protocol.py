@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -470,7 +471,7 @@ def wrong_field(msg: Message) -> str | None:
     checked by the same rules before it travels."""
     for f in _FIELDS[type(msg)]:
         if not f.check(getattr(msg, f.name)):
-            return f"{msg.TYPE}.{f.name}: expected {_name(f.type)}, not {getattr(msg, f.name)!r:.40}"
+            return f"{msg.TYPE}.{f.name}: expected {_name(f.type)}, not {reprlib.repr(getattr(msg, f.name))}"
     return None
 
 

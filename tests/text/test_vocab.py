@@ -1,5 +1,4 @@
 """The vocabulary the coordinator serves, from its own configuration, names the same mapping the workers hash."""
-import json
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from amusd_mq import AsyncClient, models
 from amusd_mq.bench import trace as bench_trace
-from amusd_mq.bench.trace import trace_hash
+from amusd_mq.bench.trace import Trace, trace_hash
 from amusd_mq.runtime.load import load
 from amusd_mq.text import vocab
 
@@ -33,7 +32,8 @@ def test_one_added_token_is_another_vocabulary(tiny_cache, odd_draft):
 def test_a_trace_stands_for_the_model_it_was_recorded_from(tmp_path):
     """Served by the benchmark's plugin, found through its entry point: the serving code never names it."""
     trace = tmp_path / "t.json"
-    trace.write_text(json.dumps({"verify_model": "m", "vocab_size": 7, "prompts": []}))
+    Trace(draft_model="d", verify_model="m", dtype="float32", vocab_size=7, eos_token_ids=[2], max_new_tokens=4,
+          prompts=[]).save(trace)
     served = vocab.load(f"trace:{trace}", None)
     assert served.tokenizer is None and served.hash == trace_hash("m", 7) != trace_hash("m", 8)
     assert models.plugin(f"trace:{trace}") is bench_trace and models.plugin("org/model") is None
